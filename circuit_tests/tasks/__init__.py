@@ -1,0 +1,1 @@
+"""Task library: each module registers one task builder in ``base.TASKS`` (see ``base.TaskData``)."""
