@@ -1,0 +1,286 @@
+"""The patching engine: evaluate a circuit in one cached pass plus one patched pass.
+
+Edge level (EAP-IG's difference trick, reference/metrics.md §3.2): during the patched run on the clean
+prompts every sender ``s`` records ``D_s = h_s(replacement) - h_s(current)``; each receiver input ``r`` gets
+``input_r += Σ_{s upstream of r, (s→r) ∉ C} D_s``. Per receiver group we sum over whichever side is smaller:
+the out-of-circuit senders, or ``Σ_all D - Σ_in-circuit D`` — so a sparse circuit costs a handful of small
+matmuls per layer and the full circuit costs nothing (it reproduces the clean run exactly).
+Node level: every node outside the circuit has its output replaced (heads via ``hook_z``, MLPs via
+``hook_mlp_out``), which equals the edge-level evaluation of all edges among the nodes.
+
+Replacement (the ablation): ``corrupted`` = the same example's corrupted prompt (interchange), ``mean`` =
+per-node mean over the real positions of all corrupted prompts, ``mean_per_position`` = per-node,
+per-position mean, ``zero`` = 0. Positional embeddings and attention output biases are never ablated.
+
+Shapes: tokens ``[b, p]``; per-head outputs ``[b, p, h, d_model]``; logits returned at END only, ``[N, V]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+from .runtime import configure
+
+configure()
+
+import torch  # noqa: E402
+
+from .graph import Circuit, Graph  # noqa: E402
+from .tasks.base import TaskData  # noqa: E402
+
+ABLATIONS = ("corrupted", "mean", "mean_per_position", "zero")
+
+
+@dataclass
+class Evaluation:
+    """Logits at END for the full model on clean and corrupted prompts and for the circuit run ([N, V] each).
+
+    ``baseline`` is the empty circuit under the same ablation: equal to ``corrupted`` for interchange
+    ablation (by construction), computed by an extra patched pass for mean/zero ablation.
+    """
+
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    circuit: torch.Tensor
+    baseline: torch.Tensor
+    ablation: str
+
+
+@dataclass
+class _Group:
+    """How one receiver group (q, k or v of a layer's heads; an MLP input; the logits) gets its adjustment."""
+
+    n_prev: int
+    mode: str  # "none" | "out" | "in"
+    idx: torch.Tensor | None  # sender indices used by the matmul (None = the whole prefix)
+    weights: torch.Tensor  # [R, k] out-mask or in-mask rows for those senders
+    per_head: bool
+
+
+def _plan(circuit: Circuit) -> dict[str, _Group]:
+    """Choose, per receiver group, the cheaper of the two exact formulations."""
+    g = circuit.graph
+    ing = circuit.in_graph()  # [S, R]
+    plans: dict[str, _Group] = {}
+
+    def group(key: str, cols: list[int], n_prev: int, per_head: bool) -> None:
+        sub_in = ing[:n_prev, cols]  # [n_prev, R]
+        any_out = (~sub_in).any(1)
+        any_in = sub_in.any(1)
+        n_out, n_in = int(any_out.sum()), int(any_in.sum())
+        if n_out == 0:
+            plans[key] = _Group(n_prev, "none", None, torch.empty(0), per_head)
+            return
+        if n_out <= n_in:
+            rows = any_out.nonzero().flatten()
+            w = (~sub_in[rows]).T.float()
+            mode = "out"
+        else:
+            rows = any_in.nonzero().flatten()
+            w = sub_in[rows].T.float()
+            mode = "in"
+        idx = None if len(rows) == n_prev else rows
+        plans[key] = _Group(n_prev, mode, idx, w, per_head)
+
+    H = g.n_heads
+    for layer in range(g.n_layers):
+        n_prev = g.n_upstream(f"a{layer}.h0<q>")
+        for c in "qkv":
+            cols = [g.receiver_index[f"a{layer}.h{h}<{c}>"] for h in range(H)]
+            group(f"blocks.{layer}.hook_{c}_input", cols, n_prev, True)
+        group(f"blocks.{layer}.hook_mlp_in", [g.receiver_index[f"m{layer}"]], g.n_upstream(f"m{layer}"), False)
+    group(f"blocks.{g.n_layers - 1}.hook_resid_post", [g.receiver_index["logits"]], len(g.senders), False)
+    return plans
+
+
+class PatchingEngine:
+    """Evaluates circuits on one model (a TransformerBridge in eval mode)."""
+
+    def __init__(self, bridge: Any, graph: Graph | None = None):
+        self.bridge = bridge.eval()
+        self.graph = graph or Graph.from_bridge(bridge)
+        gb = Graph.from_bridge(bridge)
+        if (gb.n_layers, gb.n_heads, gb.parallel) != (self.graph.n_layers, self.graph.n_heads, self.graph.parallel):
+            raise ValueError(f"graph {self.graph} does not match the model {gb}")
+        self.W_O = bridge.W_O.detach()  # [L, H, d_head, d_model]
+        self._plan_key: frozenset | None = None
+        self._plan: dict[str, _Group] = {}
+
+    # ------------------------------------------------------------------ public API
+    def evaluate(self, task: TaskData, circuit: Circuit, ablation: str = "corrupted", batch_size: int = 32) -> Evaluation:
+        """Full model (clean, corrupted) and circuit logits at END over the whole task, in batches."""
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; expected one of {ABLATIONS}")
+        if circuit.graph != self.graph:
+            raise ValueError("circuit was resolved against a different graph")
+        means = self._means(task, batch_size) if ablation.startswith("mean") else None
+        out: dict[str, list[torch.Tensor]] = {"clean": [], "corrupted": [], "circuit": [], "baseline": []}
+        empty = Circuit(self.graph, frozenset(), level="edge")  # no edge at all: not even input->logits
+        for start in range(0, len(task), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(task)))
+            clean, corr, end = task.clean[idx], task.corrupted[idx], task.end[idx]
+            cache, clean_end, corr_end = self._cached_pass(clean, corr, end)
+            repl = self._replacement(cache, ablation, means, clean.shape)
+            out["clean"].append(clean_end)
+            out["corrupted"].append(corr_end)
+            out["circuit"].append(self._patched(clean, end, circuit, repl))
+            out["baseline"].append(corr_end if ablation == "corrupted" else self._patched(clean, end, empty, repl))
+        cat = {k: torch.cat(v) for k, v in out.items()}
+        return Evaluation(cat["clean"], cat["corrupted"], cat["circuit"], cat["baseline"], ablation)
+
+    def circuit_logits(self, task: TaskData, circuit: Circuit, ablation: str = "corrupted", batch_size: int = 32) -> torch.Tensor:
+        return self.evaluate(task, circuit, ablation, batch_size).circuit
+
+    # ------------------------------------------------------------------ passes
+    def _sender_names(self) -> list[str]:
+        L = self.graph.n_layers
+        return ["hook_embed"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+
+    def _set_flags(self, on: bool) -> None:
+        self.bridge.set_use_split_qkv_input(on)
+        self.bridge.set_use_hook_mlp_in(on)
+
+    @torch.no_grad()
+    def _cached_pass(self, clean: torch.Tensor, corr: torch.Tensor, end: torch.Tensor):
+        """One batched pass over clean+corrupted; keeps sender activations of the corrupted half."""
+        self._set_flags(False)
+        b = clean.shape[0]
+        names = set(self._sender_names())
+        cache: dict[str, torch.Tensor] = {}
+
+        def keep(t: torch.Tensor, hook: Any, name: str) -> None:
+            cache[name] = t[b:].detach()
+
+        hooks = [(n, partial(keep, name=n)) for n in names]
+        with self.bridge.hooks(fwd_hooks=hooks):
+            logits = self.bridge(torch.cat([clean, corr]))
+        rows = torch.arange(b)
+        return cache, logits[:b][rows, end], logits[b:][rows, end]
+
+    @torch.no_grad()
+    def _means(self, task: TaskData, batch_size: int) -> dict[str, torch.Tensor]:
+        """Per-node sums over the real positions of every corrupted prompt → means (and per-position means)."""
+        self._set_flags(False)
+        sums: dict[str, torch.Tensor] = {}
+        counts = torch.zeros(task.corrupted.shape[1], dtype=torch.float64)
+        names = self._sender_names()
+        for start in range(0, len(task), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(task)))
+            toks, end = task.corrupted[idx], task.end[idx]
+            mask = (torch.arange(toks.shape[1])[None, :] <= end[:, None]).double()  # [b, p]
+            counts += mask.sum(0)
+            cache: dict[str, torch.Tensor] = {}
+
+            def keep(t: torch.Tensor, hook: Any, name: str) -> None:
+                cache[name] = t.detach()
+
+            with self.bridge.hooks(fwd_hooks=[(n, partial(keep, name=n)) for n in names]):
+                self.bridge(toks)
+            for n, t in cache.items():
+                m = mask.view(*mask.shape, *([1] * (t.dim() - 2)))
+                s = (t.double() * m).sum(0)  # [p, ...]
+                sums[n] = s if n not in sums else sums[n] + s
+        per_pos = {n: (s / counts.clamp_min(1).view(-1, *([1] * (s.dim() - 1)))).float() for n, s in sums.items()}
+        overall = {n: (s.sum(0) / counts.sum()).float() for n, s in sums.items()}
+        return {"per_position": per_pos, "overall": overall}  # type: ignore[return-value]
+
+    def _replacement(self, cache: dict[str, torch.Tensor], ablation: str, means: Any, shape: torch.Size) -> dict[str, torch.Tensor]:
+        """Sender replacements for one batch, broadcastable to ``[b, p, ...]``."""
+        b, p = shape
+        if ablation == "corrupted":
+            return cache
+        if ablation == "zero":
+            return {n: torch.zeros_like(t) for n, t in cache.items()}
+        if ablation == "mean":
+            return {n: t.view(1, 1, *t.shape).expand(b, p, *t.shape) for n, t in means["overall"].items()}
+        return {n: t[:p].unsqueeze(0).expand(b, *t[:p].shape) for n, t in means["per_position"].items()}
+
+    def _patched(self, clean: torch.Tensor, end: torch.Tensor, circuit: Circuit, repl: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = torch.arange(clean.shape[0])
+        with torch.no_grad():
+            if circuit.level == "node" and circuit.named_nodes:
+                logits = self._node_pass(clean, circuit, repl)
+            else:
+                logits = self._edge_pass(clean, circuit, repl)
+        return logits[rows, end]
+
+    def _node_pass(self, clean: torch.Tensor, circuit: Circuit, repl: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Replace the outputs of nodes outside the circuit (input is always kept)."""
+        self._set_flags(False)
+        g, keep = self.graph, circuit.nodes
+        hooks: list[tuple[str, Callable]] = []
+        for layer in range(g.n_layers):
+            drop = [h for h in range(g.n_heads) if f"a{layer}.h{h}" not in keep]
+            if drop:
+                hooks.append((f"blocks.{layer}.attn.hook_z", partial(_replace_heads, heads=torch.tensor(drop), src=repl[f"blocks.{layer}.attn.hook_z"])))
+            if f"m{layer}" not in keep:
+                hooks.append((f"blocks.{layer}.hook_mlp_out", partial(_replace_all, src=repl[f"blocks.{layer}.hook_mlp_out"])))
+        with self.bridge.hooks(fwd_hooks=hooks):
+            return self.bridge(clean)
+
+    def _edge_pass(self, clean: torch.Tensor, circuit: Circuit, repl: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The difference trick: senders record replacement - current, receivers add the out-of-circuit sum."""
+        g = self.graph
+        if self._plan_key is not circuit.edges and self._plan_key != circuit.edges:
+            self._plan_key, self._plan = circuit.edges, _plan(circuit)  # one circuit at a time is the common case
+        plans = self._plan
+        self._set_flags(True)
+        b, p = clean.shape
+        H = g.n_heads
+        d = self.W_O.shape[-1]
+        D = torch.zeros(b, p, len(g.senders), d, dtype=self.W_O.dtype)
+        totals: dict[int, torch.Tensor] = {}
+
+        def total(n: int) -> torch.Tensor:
+            if n not in totals:
+                totals[n] = D[:, :, :n].sum(2)
+            return totals[n]
+
+        def on_embed(t: torch.Tensor, hook: Any) -> None:
+            D[:, :, 0] = repl["hook_embed"] - t
+
+        def on_z(z: torch.Tensor, hook: Any, layer: int) -> None:
+            cur = torch.einsum("bphk,hkd->bphd", z, self.W_O[layer])
+            rep = torch.einsum("bphk,hkd->bphd", repl[f"blocks.{layer}.attn.hook_z"], self.W_O[layer])
+            i = g.head_sender(layer, 0)
+            D[:, :, i:i + H] = rep - cur
+
+        def on_mlp(t: torch.Tensor, hook: Any, layer: int) -> None:
+            D[:, :, g.mlp_sender(layer)] = repl[f"blocks.{layer}.hook_mlp_out"] - t
+
+        def on_recv(x: torch.Tensor, hook: Any, plan: _Group) -> torch.Tensor:
+            if plan.mode == "none":
+                return x
+            src = D[:, :, : plan.n_prev] if plan.idx is None else D[:, :, plan.idx]
+            if plan.per_head:
+                adj = torch.matmul(plan.weights, src)  # [R,k] @ [b,p,k,d] -> [b,p,R,d]
+                if plan.mode == "in":
+                    adj = total(plan.n_prev).unsqueeze(2) - adj
+            else:
+                adj = torch.einsum("bpkd,k->bpd", src, plan.weights[0])
+                if plan.mode == "in":
+                    adj = total(plan.n_prev) - adj
+            return x + adj
+
+        hooks: list[tuple[str, Callable]] = [("hook_embed", on_embed)]
+        for layer in range(g.n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_z", partial(on_z, layer=layer)))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", partial(on_mlp, layer=layer)))
+        hooks += [(name, partial(on_recv, plan=plan)) for name, plan in plans.items()]
+        try:
+            with self.bridge.hooks(fwd_hooks=hooks):
+                return self.bridge(clean)
+        finally:
+            self._set_flags(False)
+
+
+def _replace_heads(z: torch.Tensor, hook: Any, heads: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    z = z.clone()
+    z[:, :, heads] = src[:, :, heads].to(z.dtype)
+    return z
+
+
+def _replace_all(t: torch.Tensor, hook: Any, src: torch.Tensor) -> torch.Tensor:
+    return src.to(t.dtype).expand_as(t).clone()

@@ -1,0 +1,72 @@
+"""Result records: one per (spec, checkpoint, claim), JSON-able, the single source for reports.
+
+Outcome is tri-state: ``pass``, ``fail``, ``not_evaluated`` — after the spec's expectation is applied
+(``expected: absent`` before ``holds_from``: a claim that does not hold there is a pass, one that holds is
+a failure "appeared early"). ``measured`` keeps the raw outcome against the threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Record:
+    spec: str
+    spec_file: str
+    line: int
+    model: str
+    checkpoint: str
+    step: int | None
+    claim: str
+    claim_type: str
+    outcome: str  # pass | fail | not_evaluated
+    measured: str  # pass | fail | not_evaluated (before expectation)
+    expected: str = "present"  # present | absent
+    value: float | None = None
+    threshold_min: float | None = None
+    threshold_max: float | None = None
+    metric: str | None = None
+    normalization: str | None = None
+    ablation: str | None = None
+    m_M: float | None = None
+    m_Mprime: float | None = None
+    m_C: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    kl: float | None = None
+    max_kl: float | None = None
+    n_examples: int | None = None
+    weights_sha256: str | None = None
+    duplicate_of: str | None = None
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Record":
+        return cls(**json.loads(text))
+
+    @property
+    def cell(self) -> str:
+        """Short table cell: outcome and value."""
+        v = "" if self.value is None else f" {self.value:.3g}"
+        if self.outcome == "not_evaluated":
+            return "n.e."
+        if self.expected == "absent":
+            return ("absent" + v) if self.outcome == "pass" else ("EARLY" + v)
+        return ("pass" if self.outcome == "pass" else "FAIL") + v
+
+
+def write_json(records: list[Record], path: str | Path) -> None:
+    """Write every record with a schema version, sorted for stable diffs."""
+    recs = sorted(records, key=lambda r: (r.spec_file, r.step if r.step is not None else -1, r.checkpoint, r.claim))
+    Path(path).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "records": [asdict(r) for r in recs]}, indent=2,
+                                     sort_keys=True) + "\n")
