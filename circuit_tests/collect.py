@@ -77,6 +77,8 @@ class ClaimItem(pytest.Item):
         super().__init__(**kw)
         self.index = index
         self.record: Record | None = None
+        loaded = self._node.run.loaded
+        self.circuit_location = (str(loaded.path), loaded.line_of("claims", index))
 
     @property
     def _node(self) -> CheckpointNode:

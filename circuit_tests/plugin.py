@@ -44,6 +44,16 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Any:
     return None
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    """Point skip reports (not_evaluated) at the claim's line in the spec, not at plugin code."""
+    rep = yield
+    where = getattr(item, "circuit_location", None)
+    if where and rep.skipped and isinstance(rep.longrepr, tuple):
+        rep.longrepr = (where[0], where[1], rep.longrepr[2])
+    return rep
+
+
 class ResultCollector:
     """Gathers result records from reports (on the controller) and writes the table and the JSON file."""
 
