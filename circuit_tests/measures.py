@@ -33,7 +33,8 @@ class Measurement:
 def _bootstrap(num: np.ndarray, den_parts: tuple[np.ndarray, ...], fn, n: int = 1000, seed: int = 0) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(num), size=(n, len(num)))
-    vals = fn(num[idx].mean(1), *(p[idx].mean(1) for p in den_parts))
+    with np.errstate(divide="ignore", invalid="ignore"):  # resamples with a zero denominator are dropped below
+        vals = fn(num[idx].mean(1), *(p[idx].mean(1) for p in den_parts))
     vals = vals[np.isfinite(vals)]
     if len(vals) == 0:
         return float("nan"), float("nan")
