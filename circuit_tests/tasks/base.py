@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,16 @@ class TaskParams(BaseModel):
     """Base of every task's parameter model: unknown keys are spec errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    size: int = 64
+    size: int = Field(64, ge=1)
     seed: int = 0
-    min_size: int | None = None  # fewer surviving examples than this is a TaskError (default: size)
+    min_size: int | None = Field(None, ge=1)  # fewer surviving examples than this is a TaskError (default: size)
+
+    @model_validator(mode="after")
+    def _min_size_at_most_size(self):
+        size = getattr(self, "size", None)
+        if self.min_size is not None and size is not None and self.min_size > size:
+            raise ValueError(f"min_size ({self.min_size}) cannot exceed size ({size})")
+        return self
 
 
 Builder = Callable[[Any, Any, "BuildContext"], TaskData]

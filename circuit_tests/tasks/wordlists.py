@@ -86,6 +86,8 @@ COLORED_OBJECTS: tuple[str, ...] = (
     "pencil", "necklace", "lighter", "textbook", "puzzle", "cup", "book", "ball", "key",
     "hat", "phone", "plate", "bowl", "shoe", "bag", "pen", "box",
 )
+COLOR_ANSWERS: tuple[str, ...] = tuple(c.title() for c in COLORS)  # " Red": the answer tokens
+COLORED_ARTICLES: tuple[str, ...] = ("a", "an")  # "an orange cup"
 COLORED_SURFACES: tuple[str, ...] = ("table", "desk", "floor")
 COLORED_PRESENTERS: tuple[str, ...] = ("there is", "you see", "I see")
 # One question: [A*] articles (a/an), [C*] colors, [O*] objects, [Q] the queried object. A prompt is one
