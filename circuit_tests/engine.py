@@ -55,13 +55,21 @@ class Evaluation:
 
 @dataclass
 class _Group:
-    """How one receiver group (q, k or v of a layer's heads; an MLP input; the logits) gets its adjustment."""
+    """How one receiver group (q, k or v of a layer's heads; an MLP input; the logits) gets its adjustment.
+
+    ``out``: ``adj = W_out @ D[:n_prev]`` with the dense out-of-circuit mask (a GEMM on a view, no copy);
+    ``in``: ``adj = total - W_in @ D[idx]`` over the few senders with an in-circuit edge (a small gather);
+    ``none``: every upstream edge is in the circuit.
+    """
 
     n_prev: int
     mode: str  # "none" | "out" | "in"
-    idx: torch.Tensor | None  # sender indices used by the matmul (None = the whole prefix)
-    weights: torch.Tensor  # [R, k] out-mask or in-mask rows for those senders
+    idx: torch.Tensor | None  # sender indices gathered in "in" mode
+    weights: torch.Tensor  # [R, n_prev] out-mask ("out") or [R, len(idx)] in-mask ("in")
     per_head: bool
+
+
+GATHER_FRACTION = 0.25  # use the gather ("in") form when at most this share of upstream senders is in the circuit
 
 
 def _plan(circuit: Circuit) -> dict[str, _Group]:
@@ -72,29 +80,20 @@ def _plan(circuit: Circuit) -> dict[str, _Group]:
 
     def group(key: str, cols: list[int], n_prev: int, per_head: bool) -> None:
         sub_in = ing[:n_prev, cols]  # [n_prev, R]
-        any_out = (~sub_in).any(1)
-        any_in = sub_in.any(1)
-        n_out, n_in = int(any_out.sum()), int(any_in.sum())
-        if n_out == 0:
+        if bool(sub_in.all()):
             plans[key] = _Group(n_prev, "none", None, torch.empty(0), per_head)
             return
-        if n_out <= n_in:
-            rows = any_out.nonzero().flatten()
-            w = (~sub_in[rows]).T.float()
-            mode = "out"
+        rows = sub_in.any(1).nonzero().flatten()
+        if len(rows) <= GATHER_FRACTION * n_prev:
+            plans[key] = _Group(n_prev, "in", rows, sub_in[rows].T.float().contiguous(), per_head)
         else:
-            rows = any_in.nonzero().flatten()
-            w = sub_in[rows].T.float()
-            mode = "in"
-        idx = None if len(rows) == n_prev else rows
-        plans[key] = _Group(n_prev, mode, idx, w, per_head)
+            plans[key] = _Group(n_prev, "out", None, (~sub_in).T.float().contiguous(), per_head)
 
     H = g.n_heads
     for layer in range(g.n_layers):
-        n_prev = g.n_upstream(f"a{layer}.h0<q>")
-        for c in "qkv":
-            cols = [g.receiver_index[f"a{layer}.h{h}<{c}>"] for h in range(H)]
-            group(f"blocks.{layer}.hook_{c}_input", cols, n_prev, True)
+        # q, k and v of a layer read the same senders: one GEMM over D serves all three (one read of D)
+        cols = [g.receiver_index[f"a{layer}.h{h}<{c}>"] for c in "qkv" for h in range(H)]
+        group(f"blocks.{layer}.qkv", cols, g.n_upstream(f"a{layer}.h0<q>"), True)
         group(f"blocks.{layer}.hook_mlp_in", [g.receiver_index[f"m{layer}"]], g.n_upstream(f"m{layer}"), False)
     group(FINAL, [g.receiver_index["logits"]], len(g.senders), False)
     return plans
@@ -243,7 +242,11 @@ class PatchingEngine:
         return self._logits_at(clean, end, hooks)
 
     def _edge_pass(self, clean: torch.Tensor, end: torch.Tensor, circuit: Circuit, repl: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The difference trick: senders record replacement - current, receivers add the out-of-circuit sum."""
+        """The difference trick: senders record replacement - current, receivers add the out-of-circuit sum.
+
+        ``D`` is sender-major ``[S, b*p*d]`` so every group's matmul is one GEMM over a contiguous prefix;
+        ``totals[n]`` is the running sum of the first ``n`` senders' differences (for the "in" form).
+        """
         g = self.graph
         if self._plan_key is not circuit.edges and self._plan_key != circuit.edges:
             self._plan_key, self._plan = circuit.edges, _plan(circuit)  # one circuit at a time is the common case
@@ -252,45 +255,53 @@ class PatchingEngine:
         b, p = clean.shape
         H = g.n_heads
         d = self.W_O.shape[-1]
-        D = torch.zeros(b, p, len(g.senders), d, dtype=self.W_O.dtype)
+        D = torch.empty(len(g.senders), b * p * d, dtype=self.W_O.dtype)
+        running = torch.zeros(b * p * d, dtype=self.W_O.dtype)
         totals: dict[int, torch.Tensor] = {}
+        need_total = {pl.n_prev for pl in plans.values() if pl.mode == "in"}
 
-        def total(n: int) -> torch.Tensor:
-            if n not in totals:
-                totals[n] = D[:, :, :n].sum(2)
-            return totals[n]
+        def record(i: int, diff: torch.Tensor, n: int) -> None:
+            """Senders fire in graph order, so after this call the first i+n senders are in D."""
+            D[i:i + n] = diff
+            if need_total:
+                running.add_(diff.sum(0))
+                if i + n in need_total:
+                    totals[i + n] = running.clone()
 
         def on_embed(t: torch.Tensor, hook: Any) -> None:
-            D[:, :, 0] = repl["hook_embed"] - t
+            record(0, (repl["hook_embed"] - t).reshape(1, -1), 1)
 
         def on_z(z: torch.Tensor, hook: Any, layer: int) -> None:
-            cur = torch.einsum("bphk,hkd->bphd", z, self.W_O[layer])
-            rep = torch.einsum("bphk,hkd->bphd", repl[f"blocks.{layer}.attn.hook_z"], self.W_O[layer])
-            i = g.head_sender(layer, 0)
-            D[:, :, i:i + H] = rep - cur
+            diff = torch.einsum("bphk,hkd->hbpd", repl[f"blocks.{layer}.attn.hook_z"] - z, self.W_O[layer])
+            record(g.head_sender(layer, 0), diff.reshape(H, -1), H)
 
         def on_mlp(t: torch.Tensor, hook: Any, layer: int) -> None:
-            D[:, :, g.mlp_sender(layer)] = repl[f"blocks.{layer}.hook_mlp_out"] - t
+            record(g.mlp_sender(layer), (repl[f"blocks.{layer}.hook_mlp_out"] - t).reshape(1, -1), 1)
+
+        def adjustment(plan: _Group) -> torch.Tensor:
+            if plan.mode == "out":
+                return plan.weights @ D[: plan.n_prev]  # [R, b*p*d]
+            return totals[plan.n_prev].unsqueeze(0) - plan.weights @ D[plan.idx]
 
         def on_recv(x: torch.Tensor, hook: Any, plan: _Group) -> torch.Tensor:
+            return x if plan.mode == "none" else x + adjustment(plan).view(b, p, d)
+
+        qkv_adj: dict[int, torch.Tensor] = {}
+
+        def on_qkv(x: torch.Tensor, hook: Any, layer: int, part: int) -> torch.Tensor:
+            plan = plans[f"blocks.{layer}.qkv"]
             if plan.mode == "none":
                 return x
-            src = D[:, :, : plan.n_prev] if plan.idx is None else D[:, :, plan.idx]
-            if plan.per_head:
-                adj = torch.matmul(plan.weights, src)  # [R,k] @ [b,p,k,d] -> [b,p,R,d]
-                if plan.mode == "in":
-                    adj = total(plan.n_prev).unsqueeze(2) - adj
-            else:
-                adj = torch.einsum("bpkd,k->bpd", src, plan.weights[0])
-                if plan.mode == "in":
-                    adj = total(plan.n_prev) - adj
-            return x + adj
+            if part == 0 or layer not in qkv_adj:  # q fires first; k and v reuse the same GEMM
+                qkv_adj[layer] = adjustment(plan).view(3, H, b, p, d)
+            return x + qkv_adj[layer][part].permute(1, 2, 0, 3)
 
         hooks: list[tuple[str, Callable]] = [("hook_embed", on_embed)]
         for layer in range(g.n_layers):
             hooks.append((f"blocks.{layer}.attn.hook_z", partial(on_z, layer=layer)))
             hooks.append((f"blocks.{layer}.hook_mlp_out", partial(on_mlp, layer=layer)))
-        hooks += [(name, partial(on_recv, plan=plan)) for name, plan in plans.items() if name != FINAL]
+            hooks += [(f"blocks.{layer}.hook_{c}_input", partial(on_qkv, layer=layer, part=i)) for i, c in enumerate("qkv")]
+            hooks.append((f"blocks.{layer}.hook_mlp_in", partial(on_recv, plan=plans[f"blocks.{layer}.hook_mlp_in"])))
         try:
             return self._logits_at(clean, end, hooks, final=partial(on_recv, plan=plans[FINAL]))
         finally:
