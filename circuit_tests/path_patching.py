@@ -1,0 +1,760 @@
+"""Exact path patching (Wang et al. 2022 / Goldowsky-Dill et al. 2023 semantics, reference/metrics.md §6).
+
+Effect of sender head ``s`` on a receiver set ``R``:
+
+1. cache the clean run ``x`` and the corrupted run ``x'``;
+2. run ``x`` with ``s``'s output (``hook_z``) taken from ``x'`` at every position, the output of every
+   other head frozen to its clean value, MLPs recomputed; record the inputs of the receivers;
+3. run ``x`` again, patching only the receivers' inputs with the recorded values;
+
+``effect = (m_patched - m_clean) / (m_clean - m_corrupt)`` (noising-normalised: 0 = no effect, -1 = the
+receivers see everything the corruption does), with ``m`` the task metric averaged over the dataset
+(clean labels throughout). Receivers are ``logits`` (the residual stream before ``ln_final``: the direct
+effect, MLP paths included as in McDougall's ``direct_includes_mlps=True``) or the q / k / v inputs of
+given heads (``blocks.{l}.hook_{q,k,v}_input``).
+
+How it is fast (``method="fast"``) and still exact. In step 2 every head is frozen, so nothing mixes
+positions: the residual stream is ``clean + (o_s(x') - o_s(x)) + (MLP deltas)``, and only the MLPs need
+recomputing, per position, layer by layer, batched over all senders. In step 3 nothing before the first
+receiver layer changes, so the forward starts there; it recomputes only the receiver heads in that layer
+and only query positions from the first position where the clean and corrupted prompts differ (earlier
+positions are identical in every run; their keys/values come from the clean run). For the ``logits``
+receiver, step 2 runs at the END positions only and step 3 is ``ln_final`` + the unembedding columns of the
+scored tokens. LayerNorms, MLPs, ``ln_final`` and the unembedding are the bridge's own modules; attention is
+recomputed from ``W_Q/W_K/W_V/W_O`` (and the model's own rotary cos/sin) and checked against the cached
+``hook_z`` of the clean run before use: a model whose attention this code does not reproduce falls back to
+``method="hooks"`` (batched hooked forwards, same definition, slower) with a note in the result.
+Equality with the two-passes-per-sender definition is tested in ``tests/test_path_patching.py``.
+
+Conventions: the attention output bias ``b_O`` and positional embeddings stay clean (they belong to no
+head); the ``logits`` receiver of a parallel-block model (Pythia) gets no contribution from a last-layer
+sender through the same layer's MLP (that MLP does not read it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Literal, Sequence, cast
+
+import torch
+
+from .errors import GraphError
+from .metrics import metric_values
+
+__all__ = [
+    "Receivers",
+    "PathPatchResult",
+    "path_patch",
+    "path_patch_ratio",
+    "split_qkv_inputs",
+]
+
+Head = tuple[int, int]
+Component = Literal["q", "k", "v"]
+_HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
+_RECEIVER_RE = re.compile(r"^a(\d+)\.h(\d+)(?:<([qkv]{1,3})>)?$")
+
+
+# ---------------------------------------------------------------------------------------------- API types
+
+
+@dataclass(frozen=True)
+class Receivers:
+    """A receiver set: ``logits`` (final residual stream), or q/k/v inputs of heads.
+
+    Build with ``Receivers.logits()``, ``Receivers.of_heads([(9, 6), (9, 9)], "q")`` or
+    ``Receivers.parse(["a9.h6<q>", "a9.h9<q>"])`` (EAP-IG / MIB edge-endpoint names; ``"logits"`` alone too).
+    """
+
+    kind: Literal["logits", "heads"]
+    heads: tuple[tuple[int, int, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind == "logits" and self.heads:
+            raise ValueError("a logits receiver set has no heads")
+        if self.kind == "heads":
+            if not self.heads:
+                raise ValueError("a head receiver set needs at least one (layer, head, component)")
+            for l, h, c in self.heads:
+                if c not in ("q", "k", "v"):
+                    raise ValueError(f"receiver component must be q, k or v, got {c!r}")
+
+    @classmethod
+    def logits(cls) -> "Receivers":
+        return cls("logits")
+
+    @classmethod
+    def of_heads(cls, heads: Iterable[Head], components: str = "q") -> "Receivers":
+        """The ``components`` (any of ``"qkv"``) inputs of each head in ``heads``."""
+        hs = tuple(sorted({(int(l), int(h), c) for l, h in heads for c in components}))
+        return cls("heads", hs)
+
+    @classmethod
+    def parse(cls, spec: str | Sequence[str]) -> "Receivers":
+        """``"logits"`` or names like ``"a9.h6<q>"`` (a bare ``"a9.h6"`` means all of q, k, v)."""
+        items = [spec] if isinstance(spec, str) else list(spec)
+        if items == ["logits"]:
+            return cls.logits()
+        out: set[tuple[int, int, str]] = set()
+        for s in items:
+            m = _RECEIVER_RE.match(s.strip())
+            if m is None:
+                raise GraphError(f"receiver {s!r}: expected 'logits' or 'a{{L}}.h{{H}}<q|k|v>'")
+            for c in m.group(3) or "qkv":
+                out.add((int(m.group(1)), int(m.group(2)), c))
+        return cls("heads", tuple(sorted(out)))
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({l for l, _, _ in self.heads})
+
+    def describe(self) -> str:
+        if self.kind == "logits":
+            return "logits"
+        return ", ".join(f"a{l}.h{h}<{c}>" for l, h, c in self.heads)
+
+
+@dataclass
+class PathPatchResult:
+    """Per-sender path-patching effects on one receiver set.
+
+    effects: ``[L, H]`` float64, noising-normalised ``(m_patched - m_clean) / (m_clean - m_corrupt)``;
+        ``nan`` for heads that were not senders (and everywhere when ``m_clean == m_corrupt``).
+    raw: ``[L, H]`` ``m_patched - m_clean`` (metric units); patched: ``[L, H]`` ``m_patched``.
+    ld_clean / ld_corrupt: the metric (logit difference by default) of the full model on clean / corrupted
+        prompts, clean labels, averaged over the dataset.
+    """
+
+    effects: torch.Tensor
+    raw: torch.Tensor
+    patched: torch.Tensor
+    ld_clean: float
+    ld_corrupt: float
+    receivers: Receivers
+    metric: str
+    n_examples: int
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def senders(self) -> list[Head]:
+        return [tuple(x) for x in (~torch.isnan(self.raw)).nonzero().tolist()]  # type: ignore[misc]
+
+    def top(self, k: int = 10, *, by: str = "abs") -> list[tuple[str, float]]:
+        """The ``k`` senders with the largest ``|effect|`` (``by="abs"``) or most negative effect (``"neg"``)."""
+        e = self.effects if not torch.isnan(self.effects).all() else self.raw
+        flat = e.flatten().clone()
+        key = flat.abs() if by == "abs" else -flat
+        key[torch.isnan(key)] = -math.inf
+        idx = key.argsort(descending=True)[:k]
+        H = e.shape[1]
+        return [(f"a{int(i) // H}.h{int(i) % H}", float(flat[i])) for i in idx if not math.isinf(float(key[i]))]
+
+
+def path_patch_ratio(effects: torch.Tensor, numerator_heads: Iterable[Head],
+                     denominator_heads: Iterable[Head] | None = None) -> dict[str, float | None]:
+    """Share of the path-patching effect on one receiver set carried by a class of heads (metrics.md §6).
+
+    ``signed = Σ_class e / Σ_D e`` and ``absolute = Σ_class |e| / Σ_D |e|`` (fractions, not %), where ``D``
+    is ``denominator_heads`` (default: every sender with a finite effect). Class heads outside ``D`` are
+    still counted in the numerator (so a ratio can exceed 1; the caller decides whether that is an error).
+    A zero denominator gives ``None``. Also returns the two sums (``numerator``, ``denominator``, signed)
+    and their absolute counterparts.
+    """
+    e = torch.as_tensor(effects, dtype=torch.float64)
+    num = sorted({(int(l), int(h)) for l, h in numerator_heads})
+    if denominator_heads is None:
+        den = [tuple(x) for x in (~torch.isnan(e)).nonzero().tolist()]
+    else:
+        den = sorted({(int(l), int(h)) for l, h in denominator_heads})
+
+    def total(heads: Sequence[Sequence[int]], f: Any) -> float:
+        vals = [float(e[l, h]) for l, h in heads]
+        vals = [v for v in vals if not math.isnan(v)]
+        return float(sum(f(v) for v in vals))
+
+    n_s, d_s = total(num, lambda v: v), total(den, lambda v: v)
+    n_a, d_a = total(num, abs), total(den, abs)
+    return {
+        "signed": (n_s / d_s) if d_s != 0 else None,
+        "absolute": (n_a / d_a) if d_a != 0 else None,
+        "numerator": n_s,
+        "denominator": d_s,
+        "numerator_abs": n_a,
+        "denominator_abs": d_a,
+    }
+
+
+@contextlib.contextmanager
+def split_qkv_inputs(bridge: Any, on: bool = True) -> Iterator[None]:
+    """Temporarily set ``use_split_qkv_input`` (turning ``use_attn_in`` off, they are exclusive); restores both."""
+    cfg = bridge.cfg
+    prev_split = bool(getattr(cfg, "use_split_qkv_input", False))
+    prev_in = bool(getattr(cfg, "use_attn_in", False))
+    try:
+        if on and prev_in:
+            bridge.set_use_attn_in(False)
+        if prev_split != on:
+            bridge.set_use_split_qkv_input(on)
+        yield
+    finally:
+        if bool(getattr(cfg, "use_split_qkv_input", False)) != prev_split:
+            bridge.set_use_split_qkv_input(prev_split)
+        if prev_in and not bool(getattr(cfg, "use_attn_in", False)):
+            bridge.set_use_attn_in(True)
+
+
+# ---------------------------------------------------------------------------------------------- main entry
+
+
+def path_patch(bridge: Any, task: Any, receivers: Receivers | str | Sequence[str], *,
+               senders: Iterable[Head | str] | None = None, metric: str | None = None,
+               batch_size: int = 32, method: Literal["auto", "fast", "hooks"] = "auto",
+               max_rows: int = 4096) -> PathPatchResult:
+    """Path-patching effect of every sender head on ``receivers`` (see the module docstring).
+
+    task: a ``TaskData`` (clean/corrupted ``[N, T]``, ``end``, ``targets``, ``signs``).
+    receivers: a ``Receivers``, ``"logits"`` or names like ``["a9.h6<q>", "a9.h9<q>"]``.
+    senders: ``(layer, head)`` pairs or ``"a{L}.h{H}"`` names (default: every head).
+    metric: a name in ``metrics.METRICS`` (default: the task's), always with the clean labels.
+    batch_size: examples per chunk. max_rows: rows (sender x example x position) per batched tensor;
+        bounds memory (about ``max_rows * d_mlp * 4`` bytes per intermediate) and keeps it cache-friendly.
+    method: ``fast`` (batched, exact), ``hooks`` (batched hooked forwards), ``auto`` = fast unless its
+        self-check fails on this model (then hooks, with a note in ``result.notes``).
+    """
+    recv = receivers if isinstance(receivers, Receivers) else Receivers.parse(receivers)
+    L, H = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+    _check_heads([(l, h) for l, h, _ in recv.heads], L, H, "receiver")
+    snd = sorted({_head(x) for x in (senders if senders is not None else
+                                     [(l, h) for l in range(L) for h in range(H)])})
+    _check_heads(snd, L, H, "sender")
+    metric = metric or getattr(task, "default_metric", None) or "logit_diff"
+    if tuple(task.clean.shape) != tuple(task.corrupted.shape):
+        raise ValueError(f"clean {tuple(task.clean.shape)} and corrupted {tuple(task.corrupted.shape)} "
+                         "prompts must have the same shape for path patching")
+    if method not in ("auto", "fast", "hooks"):
+        raise ValueError(f"method must be auto, fast or hooks, got {method!r}")
+    if getattr(bridge, "training", False):
+        raise ValueError("path patching needs the model in eval mode (call bridge.eval())")
+
+    N = len(task)
+    if N == 0:
+        raise ValueError("path patching needs at least one example")
+    notes: list[str] = []
+    sums = torch.zeros(len(snd), dtype=torch.float64)
+    clean_sum = corrupt_sum = 0.0
+    used = method if method != "auto" else "fast"
+    dev = _device(bridge)
+    state: dict[str, Any] = {}
+    with torch.no_grad():
+        W = _Weights(bridge) if used == "fast" else None
+        for start in range(0, N, batch_size):
+            idx = torch.arange(start, min(N, start + batch_size))
+            b = _Batch(task, idx, dev)
+            if used == "fast":
+                try:
+                    vals, m_clean, m_corr = _fast_batch(bridge, W, b, snd, recv, metric, max_rows, state)
+                except _SelfCheckFailed as e:
+                    if method == "fast":
+                        raise RuntimeError(f"fast path patching cannot reproduce this model exactly: {e}") from e
+                    notes.append(f"fast engine self-check failed ({e}); used batched hooked forwards")
+                    used = "hooks"
+            if used == "hooks":
+                vals, m_clean, m_corr = _hooks_batch(bridge, b, snd, recv, metric, max_rows)
+            sums += vals.sum(-1).cpu()
+            clean_sum += float(m_clean.sum())
+            corrupt_sum += float(m_corr.sum())
+
+    m_clean, m_corr = clean_sum / N, corrupt_sum / N
+    patched = torch.full((L, H), math.nan, dtype=torch.float64)
+    for i, (l, h) in enumerate(snd):
+        patched[l, h] = sums[i] / N
+    raw = patched - m_clean
+    denom = m_clean - m_corr
+    if denom == 0 or not math.isfinite(denom):
+        effects = torch.full_like(raw, math.nan)
+        notes.append("clean and corrupted metric are equal: normalised effects are undefined (nan)")
+    else:
+        effects = raw / denom
+    return PathPatchResult(effects=effects, raw=raw, patched=patched, ld_clean=m_clean, ld_corrupt=m_corr,
+                           receivers=recv, metric=metric, n_examples=N, method=used, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------- internals
+
+
+class _SelfCheckFailed(Exception):
+    pass
+
+
+def _head(x: Head | str) -> Head:
+    """``(layer, head)`` from a pair or an ``"a{L}.h{H}"`` name."""
+    if isinstance(x, str):
+        m = _HEAD_RE.match(x.strip())
+        if m is None:
+            raise GraphError(f"head {x!r}: expected 'a{{L}}.h{{H}}'")
+        return int(m.group(1)), int(m.group(2))
+    return int(x[0]), int(x[1])
+
+
+def _check_heads(heads: Iterable[Head], L: int, H: int, what: str) -> None:
+    for l, h in heads:
+        if not (0 <= l < L and 0 <= h < H):
+            raise GraphError(f"{what} a{l}.h{h} is outside the model (layers 0..{L - 1}, heads 0..{H - 1})")
+
+
+def _device(bridge: Any) -> torch.device:
+    try:
+        return next(bridge.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+class _Batch:
+    """One chunk of examples on the model's device."""
+
+    def __init__(self, task: Any, idx: torch.Tensor, dev: torch.device) -> None:
+        self.clean = task.clean[idx].to(dev)
+        self.corrupted = task.corrupted[idx].to(dev)
+        self.end = task.end[idx].to(dev).long()
+        self.targets = task.targets[idx].to(dev).long()
+        self.signs = task.signs[idx].to(dev)
+        self.B, self.T = self.clean.shape
+        self.rows = torch.arange(self.B, device=dev)
+
+
+class _Weights:
+    """The bridge's per-head weights, read once (the properties stack tensors on every access)."""
+
+    def __init__(self, bridge: Any) -> None:
+        self.W_Q, self.W_K, self.W_V, self.W_O = (bridge.W_Q.detach(), bridge.W_K.detach(),
+                                                  bridge.W_V.detach(), bridge.W_O.detach())
+        self.b_Q, self.b_K, self.b_V, self.b_O = (bridge.b_Q.detach(), bridge.b_K.detach(),
+                                                  bridge.b_V.detach(), bridge.b_O.detach())
+        self.W_U, self.b_U = bridge.W_U.detach(), bridge.b_U.detach()
+        self.parallel = bool(getattr(bridge.cfg, "parallel_attn_mlp", False))
+        self.d_head = int(bridge.cfg.d_head)
+        scale = getattr(bridge.cfg, "attn_scale", -1.0)
+        use_scale = getattr(bridge.cfg, "use_attn_scale", True)
+        self.attn_scale = (float(scale) if scale and scale > 0 else math.sqrt(self.d_head)) if use_scale else 1.0
+
+
+def _metric_at_end(bridge: Any, W: _Weights | None, x_end: torch.Tensor, targets: torch.Tensor,
+                   signs: torch.Tensor, metric: str, reference: torch.Tensor | None) -> torch.Tensor:
+    """Metric per row from final residual vectors ``x_end [..., B, d]`` (before ln_final) -> ``[..., B]``."""
+    lead = x_end.shape[:-2]
+    B, d = x_end.shape[-2:]
+    x = bridge.ln_final(x_end.reshape(-1, 1, d))[:, 0]  # [R, d]
+    tg = targets.expand(*lead, *targets.shape).reshape(-1, targets.shape[-1])
+    sg = signs.expand(*lead, *signs.shape).reshape(-1, signs.shape[-1])
+    if metric in ("logit_diff", "accuracy") and W is not None:
+        cols = W.W_U[:, tg]  # [d, R, K]
+        logits = torch.einsum("rd,drk->rk", x, cols) + W.b_U[tg]
+        tg_local = torch.arange(tg.shape[-1], device=tg.device).expand_as(tg)
+        vals = metric_values(metric, logits, tg_local, sg)
+    else:
+        logits = bridge.unembed(x[:, None])[:, 0]
+        ref = None
+        if reference is not None:
+            ref = reference.expand(*lead, *reference.shape).reshape(-1, reference.shape[-1])
+        vals = metric_values(metric, logits, tg, sg, ref)
+    return vals.reshape(*lead, B)
+
+
+def _first_diff(b: _Batch) -> torch.Tensor:
+    """Per example, the first position where clean and corrupted tokens differ (T when identical)."""
+    diff = b.clean != b.corrupted
+    pos = torch.where(diff.any(1), diff.float().argmax(1), torch.full_like(b.end, b.T))
+    return pos
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    size = max(1, size)
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+# ------------------------------------------------------------------------------------------- fast engine
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """NeoX-style (rotate-half) rotary on the first ``cos.shape[-1]`` dims; ``cos`` broadcastable to ``x``."""
+    if cos is None:
+        return x
+    r = cos.shape[-1]
+    xr, xp = x[..., :r], x[..., r:]
+    half = r // 2
+    rot = torch.cat([-xr[..., half:], xr[..., :half]], -1)
+    return torch.cat([xr * cos + rot * sin, xp], -1)
+
+
+def _fast_batch(bridge: Any, W: _Weights, b: _Batch, snd: list[Head], recv: Receivers, metric: str,
+                max_rows: int, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of examples: per-sender per-example metric ``[S, B]``, and the clean / corrupted metric ``[B]``."""
+    L = int(bridge.cfg.n_layers)
+    par = W.parallel
+    last = L - 1
+    names = set()
+    for l in range(L):
+        names |= {f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_mlp_out",
+                  f"blocks.{l}.hook_attn_out", f"blocks.{l}.attn.hook_cos", f"blocks.{l}.attn.hook_sin"}
+        if not par:
+            names.add(f"blocks.{l}.hook_resid_mid")
+        names.add(f"blocks.{l}.hook_resid_post")
+    clean_logits, cc = bridge.run_with_cache(b.clean, names_filter=lambda n: n in names)
+    if not state.get("structure_checked"):
+        _check_structure(bridge, cc, par)
+        state["structure_checked"] = True
+    corr_logits, kc = bridge.run_with_cache(b.corrupted, names_filter=lambda n: n.endswith("attn.hook_z"))
+    ends = (b.rows, b.end)
+    ref = clean_logits[ends] if metric == "kl" else None
+    m_clean = metric_values(metric, clean_logits[ends], b.targets, b.signs, ref)
+    m_corr = metric_values(metric, corr_logits[ends], b.targets, b.signs, ref)
+    del clean_logits, corr_logits
+
+    S = len(snd)
+    out = torch.empty(S, b.B, dtype=torch.float64, device=m_clean.device)
+    # Senders that cannot reach the receivers leave them untouched: exactly the clean metric.
+    if recv.kind == "logits":
+        reach = [i for i, (l, _) in enumerate(snd)]
+        stop = L
+    else:
+        top = max(recv.layers)
+        reach = [i for i, (l, _) in enumerate(snd) if l < top]
+        stop = top
+    reach_set = set(reach)
+    unreached = [i for i in range(S) if i not in reach_set]
+    if unreached:
+        out[unreached] = m_clean
+    if not reach:
+        return out, m_clean, m_corr
+
+    # Positions computed: END only (logits) or [p_first, p_end) (head receivers).
+    first = _first_diff(b)
+    if bool((first > b.end).all()):  # clean == corrupted up to END everywhere: nothing can change
+        out[reach] = m_clean
+        return out, m_clean, m_corr
+    if recv.kind == "logits":
+        pos = b.end[:, None]  # [B, 1]
+    else:
+        p_first = int(torch.minimum(first, b.end).min())
+        p_end = int(b.end.max()) + 1
+        pos = torch.arange(p_first, p_end, device=b.end.device).expand(b.B, -1)
+    Q = pos.shape[1]
+    gather = lambda t: t[b.rows[:, None], pos]  # [B, T, ...] -> [B, Q, ...]
+
+    # The same pipeline with no patch: subtracting it cancels the (float-level) differences between this
+    # recomputation and the bridge's own forward, so "no change" gives exactly the clean metric.
+    if recv.kind == "heads":
+        attn = _Attention(bridge, W, cc, b, p_first, p_end, recv)
+        attn.self_check()
+        zero = cc[f"blocks.{attn.l0}.hook_resid_pre"][None, :, p_first:p_end] * 0
+        x_base = attn.forward({l: zero for l in recv.layers}, 1)
+    else:
+        x_base = cc[f"blocks.{last}.hook_resid_post"][ends][None]
+    base = _metric_at_end(bridge, W, x_base, b.targets, b.signs, metric, ref)[0]
+
+    per_sender_rows = b.B * Q
+    chunk = max(1, max_rows // max(1, per_sender_rows))
+    reach_snd = [snd[i] for i in reach]
+    for sl in _chunks(len(reach_snd), chunk):
+        group = reach_snd[sl]
+        rec = _step2(bridge, W, cc, kc, group, gather, stop, recv, par)
+        if recv.kind == "logits":
+            x_end = cc[f"blocks.{last}.hook_resid_post"][ends][None] + rec[L][:, :, 0]  # [s, B, d]
+            vals = _metric_at_end(bridge, W, x_end, b.targets, b.signs, metric, ref)
+        else:
+            x_end = attn.forward(rec, len(group))  # [s, B, d]
+            vals = _metric_at_end(bridge, W, x_end, b.targets, b.signs, metric, ref)
+        out[[reach[i] for i in range(sl.start, sl.stop)]] = vals - base + m_clean
+    return out, m_clean, m_corr
+
+
+def _check_structure(bridge: Any, cc: Any, par: bool) -> None:
+    """The residual stream is the sum the fast engine assumes, and ln2 + mlp reproduce ``hook_mlp_out``."""
+    L = int(bridge.cfg.n_layers)
+
+    def close(a: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+        err = float((a - ref).abs().max())
+        if not err <= 1e-4 * max(1.0, float(ref.abs().max())):
+            raise _SelfCheckFailed(f"{what} differs by {err:.2e}")
+
+    for l in range(L):
+        pre, post = cc[f"blocks.{l}.hook_resid_pre"], cc[f"blocks.{l}.hook_resid_post"]
+        attn, mlp = cc[f"blocks.{l}.hook_attn_out"], cc[f"blocks.{l}.hook_mlp_out"]
+        blk = bridge.blocks[l]
+        if par:
+            close(pre + attn + mlp, post, f"layer {l}: resid_pre + attn_out + mlp_out vs resid_post")
+            close(blk.mlp(blk.ln2(pre)), mlp, f"layer {l}: mlp(ln2(resid_pre)) vs hook_mlp_out")
+        else:
+            mid = cc[f"blocks.{l}.hook_resid_mid"]
+            close(pre + attn, mid, f"layer {l}: resid_pre + attn_out vs resid_mid")
+            close(mid + mlp, post, f"layer {l}: resid_mid + mlp_out vs resid_post")
+            close(blk.mlp(blk.ln2(mid)), mlp, f"layer {l}: mlp(ln2(resid_mid)) vs hook_mlp_out")
+        if l + 1 < L:
+            close(post, cc[f"blocks.{l + 1}.hook_resid_pre"], f"layer {l}: resid_post vs next resid_pre")
+
+
+def _step2(bridge: Any, W: _Weights, cc: Any, kc: Any, group: list[Head], gather: Any, stop: int,
+           recv: Receivers, par: bool) -> dict[int, torch.Tensor]:
+    """Residual-stream deltas of step 2 for senders ``group`` (sorted by layer) at the gathered positions.
+
+    Returns ``{layer: D}`` with ``D [s, B, Q, d]`` the delta of ``resid_pre`` of each receiver layer
+    (layer ``L`` = the final residual stream, before ``ln_final``).
+    """
+    L = int(bridge.cfg.n_layers)
+    want = {L} if recv.kind == "logits" else set(recv.layers)
+    s = len(group)
+    layers = torch.tensor([l for l, _ in group])
+    base0 = gather(cc["blocks.0.hook_resid_pre"])
+    D = torch.zeros(s, *base0.shape, dtype=base0.dtype, device=base0.device)
+    rec: dict[int, torch.Tensor] = {}
+    for l in range(stop + 1):
+        if l in want:
+            rec[l] = D if l == stop else D.clone()
+        if l == stop:
+            break
+        if par:  # the MLP reads resid_pre: senders of earlier layers only
+            n_act = int((layers < l).sum())
+            if n_act:
+                _mlp_update(bridge, cc, D, n_act, l, gather, f"blocks.{l}.hook_resid_pre")
+        in_layer = [i for i, (ls, _) in enumerate(group) if ls == l]
+        if in_layer:
+            dz = gather(kc[f"blocks.{l}.attn.hook_z"] - cc[f"blocks.{l}.attn.hook_z"])  # [B, Q, H, e]
+            heads = torch.tensor([group[i][1] for i in in_layer], device=dz.device)
+            D[in_layer[0]:in_layer[-1] + 1] += torch.einsum("bqhe,hed->hbqd", dz[:, :, heads], W.W_O[l][heads])
+        if not par:  # the MLP reads resid_mid: senders up to this layer
+            n_act = int((layers <= l).sum())
+            if n_act:
+                _mlp_update(bridge, cc, D, n_act, l, gather, f"blocks.{l}.hook_resid_mid")
+    return rec
+
+
+def _mlp_update(bridge: Any, cc: Any, D: torch.Tensor, n_act: int, l: int, gather: Any, base_name: str) -> None:
+    """``D[:n_act] += MLP_l(ln2(base + D)) - MLP_l(clean)`` at the gathered positions (in place)."""
+    blk = bridge.blocks[l]
+    base = gather(cc[base_name])  # [B, Q, d]
+    clean_out = gather(cc[f"blocks.{l}.hook_mlp_out"])
+    x = base[None] + D[:n_act]
+    s, B, Q, d = x.shape
+    y = blk.mlp(blk.ln2(x.reshape(s * B, Q, d))).reshape(s, B, Q, d)
+    D[:n_act] += y - clean_out[None]
+
+
+class _Attention:
+    """Step 3 for head receivers: the forward from the first receiver layer on, batched over senders.
+
+    Query positions ``[p_first, p_end)`` only (keys/values at earlier positions are the clean run's), and
+    in the last layer only the END positions (the metric reads nothing else).
+    """
+
+    def __init__(self, bridge: Any, W: _Weights, cc: Any, b: _Batch, p_first: int, p_end: int,
+                 recv: Receivers) -> None:
+        self.bridge, self.W, self.cc, self.b = bridge, W, cc, b
+        self.p0, self.p1 = p_first, p_end
+        self.L = int(bridge.cfg.n_layers)
+        self.l0 = min(recv.layers)
+        self.recv: dict[int, dict[int, set[str]]] = {}
+        for l, h, c in recv.heads:
+            self.recv.setdefault(l, {}).setdefault(h, set()).add(c)
+        self.cos: dict[int, torch.Tensor | None] = {}
+        self.sin: dict[int, torch.Tensor | None] = {}
+        for l in range(self.l0, self.L):
+            c = cc.cache_dict.get(f"blocks.{l}.attn.hook_cos")
+            s = cc.cache_dict.get(f"blocks.{l}.attn.hook_sin")
+            if (c is None) != (s is None):
+                raise _SelfCheckFailed("rotary cos/sin hooks incomplete")
+            if c is not None and s is not None:
+                c, s = c.reshape(-1, c.shape[-2], c.shape[-1])[0], s.reshape(-1, s.shape[-2], s.shape[-1])[0]
+                if c.shape[-1] > W.d_head or c.shape[-1] % 2:
+                    raise _SelfCheckFailed(f"unsupported rotary shape {tuple(c.shape)}")
+            self.cos[l], self.sin[l] = c, s
+        self.ln1_clean: dict[int, torch.Tensor] = {}
+        self.k_pre: dict[int, torch.Tensor] = {}
+        self.v_pre: dict[int, torch.Tensor] = {}
+
+    def _rope(self, l: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotary on x ``[..., P, h, e]`` at absolute positions ``pos`` (``[P]`` or ``[B, P]``)."""
+        c, s = self.cos[l], self.sin[l]
+        if c is None or s is None:
+            return x
+        return _rotary(x, c[pos].unsqueeze(-2), s[pos].unsqueeze(-2))
+
+    def _proj(self, x: torch.Tensor, l: int, which: str, heads: Any = slice(None)) -> torch.Tensor:
+        Wm = getattr(self.W, f"W_{which}")[l][heads]
+        bm = getattr(self.W, f"b_{which}")[l][heads]
+        return torch.einsum("...pd,hde->...phe", x, Wm) + bm
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+        """q ``[s, B, Qn, h, e]`` at absolute positions ``qpos [B, Qn]``; k/v ``[s, B, Kn, h, e]`` from position 0."""
+        scores = torch.einsum("sbqhe,sbkhe->sbhqk", q, k) / self.W.attn_scale
+        kpos = torch.arange(k.shape[-3], device=q.device)
+        masked = kpos[None, None, :] > qpos[:, :, None]  # [B, Qn, Kn]
+        scores = scores.masked_fill(masked[None, :, None], float("-inf"))
+        return torch.einsum("sbhqk,sbkhe->sbqhe", scores.softmax(-1), v)
+
+    def self_check(self) -> None:
+        """Recompute the clean run's hook_z from resid_pre for layers >= l0; store clean prefix keys/values."""
+        cc, bridge = self.cc, self.bridge
+        for l in range(self.l0, self.L):
+            ln = bridge.blocks[l].ln1(cc[f"blocks.{l}.hook_resid_pre"])  # [B, T, d]
+            B, T = ln.shape[:2]
+            ar = torch.arange(T, device=ln.device)
+            q = self._rope(l, self._proj(ln, l, "Q"), ar)
+            k = self._rope(l, self._proj(ln, l, "K"), ar)
+            v = self._proj(ln, l, "V")
+            z = self._attend(q[None], k[None], v[None], ar[None].expand(B, -1))[0]
+            ref = cc[f"blocks.{l}.attn.hook_z"]
+            err = float((z - ref).abs().max())
+            tol = 1e-4 * max(1.0, float(ref.abs().max()))
+            if not err <= tol:
+                raise _SelfCheckFailed(f"layer {l}: recomputed attention differs from hook_z by {err:.2e}")
+            self.ln1_clean[l] = ln
+            self.k_pre[l], self.v_pre[l] = k[:, : self.p0], v[:, : self.p0]
+
+    def forward(self, rec: dict[int, torch.Tensor], s: int) -> torch.Tensor:
+        """Layers l0..L-1 with receiver inputs patched to ``clean + rec[l]``; final resid at END ``[s, B, d]``."""
+        cc, bridge, W, b = self.cc, self.bridge, self.W, self.b
+        p0, p1 = self.p0, self.p1
+        B = b.B
+        dev = b.end.device
+        flat = lambda t: t.reshape(-1, t.shape[-2], t.shape[-1])
+        R = cc[f"blocks.{self.l0}.hook_resid_pre"][:, p0:p1][None].expand(s, -1, -1, -1)  # [s, B, Q, d]
+        all_pos = torch.arange(p0, p1, device=dev)
+        for l in range(self.l0, self.L):
+            blk = bridge.blocks[l]
+            last = l == self.L - 1
+            if last:  # only the END rows are read after this layer
+                qpos = b.end[:, None]
+                sel = lambda t: t[:, b.rows, b.end - p0][:, :, None]
+            else:
+                qpos = all_pos[None].expand(B, -1)
+                sel = lambda t: t
+            rh = self.recv.get(l, {})
+            ln_patched: torch.Tensor | None = None  # the receivers' patched inputs, after ln1
+            if rh:
+                x = cc[f"blocks.{l}.hook_resid_pre"][:, p0:p1][None] + rec[l]
+                ln_patched = blk.ln1(flat(x)).reshape(x.shape)
+            if l == self.l0:
+                # Only receiver heads change here: everything else in this layer is clean.
+                ln_cur = self.ln1_clean[l][:, p0:p1][None].expand(s, -1, -1, -1)
+                attn_out = sel(cc[f"blocks.{l}.hook_attn_out"][:, p0:p1][None]).expand(s, -1, -1, -1).clone()
+                z_clean = sel(cc[f"blocks.{l}.attn.hook_z"][:, p0:p1][None])
+                for h, comps in sorted(rh.items()):
+                    xs = {c: cast(torch.Tensor, ln_patched if c in comps else ln_cur) for c in "qkv"}
+                    q = self._rope(l, self._proj(sel(xs["q"]), l, "Q", [h]), qpos)
+                    k = self._rope(l, self._proj(xs["k"], l, "K", [h]), all_pos)
+                    v = self._proj(xs["v"], l, "V", [h])
+                    k = torch.cat([self.k_pre[l][None, :, :, [h]].expand(s, -1, -1, -1, -1), k], -3)
+                    v = torch.cat([self.v_pre[l][None, :, :, [h]].expand(s, -1, -1, -1, -1), v], -3)
+                    z = self._attend(q, k, v, qpos)
+                    attn_out += torch.einsum("sbqhe,hed->sbqd", z - z_clean[:, :, :, [h]], W.W_O[l][[h]])
+            else:
+                ln_cur = blk.ln1(flat(R)).reshape(R.shape)
+                q = self._proj(sel(ln_cur), l, "Q")
+                k, v = self._proj(ln_cur, l, "K"), self._proj(ln_cur, l, "V")
+                for h, comps in sorted(rh.items()):
+                    lp = cast(torch.Tensor, ln_patched)
+                    if "q" in comps:
+                        q[:, :, :, h] = self._proj(sel(lp), l, "Q", [h])[:, :, :, 0]
+                    if "k" in comps:
+                        k[:, :, :, h] = self._proj(lp, l, "K", [h])[:, :, :, 0]
+                    if "v" in comps:
+                        v[:, :, :, h] = self._proj(lp, l, "V", [h])[:, :, :, 0]
+                q, k = self._rope(l, q, qpos), self._rope(l, k, all_pos)
+                k = torch.cat([self.k_pre[l][None].expand(s, -1, -1, -1, -1), k], -3)
+                v = torch.cat([self.v_pre[l][None].expand(s, -1, -1, -1, -1), v], -3)
+                z = self._attend(q, k, v, qpos)
+                attn_out = torch.einsum("sbqhe,hed->sbqd", z, W.W_O[l]) + W.b_O[l]
+            R = sel(R)
+            if W.parallel:
+                R = R + attn_out + blk.mlp(blk.ln2(flat(R))).reshape(R.shape)
+            else:
+                mid = R + attn_out
+                R = mid + blk.mlp(blk.ln2(flat(mid))).reshape(mid.shape)
+        return R[:, :, 0]  # the last layer selected the END rows: [s, B, d]
+
+
+# ------------------------------------------------------------------------------------------ hooks engine
+
+
+def _hooks_batch(bridge: Any, b: _Batch, snd: list[Head], recv: Receivers, metric: str, max_rows: int,
+                 *, sender_pos: Literal["all", "end"] = "all", capture: Any = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same definition as the fast engine, with hooked forwards of ``[senders × examples]`` batches.
+
+    ``sender_pos="end"`` patches the senders at END only; ``capture(cache_like, n_senders)`` is called with
+    the step-3 activations named by ``capture.names`` (for S-inhibition's attention readout).
+    """
+    L = int(bridge.cfg.n_layers)
+    last = L - 1
+    clean_logits, cc = bridge.run_with_cache(b.clean, names_filter=lambda n: n.endswith("attn.hook_z"))
+    corr_logits, kc = bridge.run_with_cache(b.corrupted, names_filter=lambda n: n.endswith("attn.hook_z"))
+    ends = (b.rows, b.end)
+    ref = clean_logits[ends] if metric == "kl" else None
+    m_clean = metric_values(metric, clean_logits[ends], b.targets, b.signs, ref)
+    m_corr = metric_values(metric, corr_logits[ends], b.targets, b.signs, ref)
+    S, B, T = len(snd), b.B, b.T
+    out = torch.empty(S, B, dtype=torch.float64, device=m_clean.device)
+    chunk = max(1, max_rows // (B * T))
+    pos_mask = torch.zeros(B, T, dtype=torch.bool, device=b.end.device)
+    if sender_pos == "end":
+        pos_mask[b.rows, b.end] = True
+    else:
+        pos_mask[:] = True
+    for sl in _chunks(S, chunk):
+        group = snd[sl]
+        s = len(group)
+        toks = b.clean.repeat(s, 1)
+        recorded: dict[str, torch.Tensor] = {}
+
+        def freeze(z: torch.Tensor, hook: Any, l: int) -> torch.Tensor:
+            new = cc[f"blocks.{l}.attn.hook_z"].repeat(s, 1, 1, 1)
+            corr = kc[f"blocks.{l}.attn.hook_z"]
+            for i, (ls, h) in enumerate(group):
+                if ls == l:
+                    blk = new[i * B:(i + 1) * B, :, h]
+                    blk[pos_mask] = corr[:, :, h][pos_mask]
+            return new
+
+        def record(x: torch.Tensor, hook: Any, name: str) -> None:
+            recorded[name] = x.clone()
+
+        if recv.kind == "logits":
+            rec_names = [f"blocks.{last}.hook_resid_post"]
+        else:
+            rec_names = sorted({f"blocks.{l}.hook_{c}_input" for l, _, c in recv.heads})
+        fwd = [(f"blocks.{l}.attn.hook_z", (lambda z, hook, l=l: freeze(z, hook, l))) for l in range(L)]
+        with split_qkv_inputs(bridge, recv.kind == "heads"):
+            bridge.run_with_hooks(toks, fwd_hooks=fwd + [(n, (lambda x, hook, n=n: record(x, hook, n)))
+                                                         for n in rec_names])
+
+            def patch(x: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
+                if recv.kind == "logits":
+                    return recorded[name]
+                l, c = _layer_comp(name)
+                x = x.clone()
+                for (lr, h, cr) in recv.heads:
+                    if lr == l and cr == c:
+                        x[:, :, h] = recorded[name][:, :, h]
+                return x
+
+            hooks = [(n, (lambda x, hook, n=n: patch(x, hook, n))) for n in rec_names]
+            if capture is not None:
+                cap: dict[str, torch.Tensor] = {}
+                hooks += [(n, (lambda x, hook, n=n: cap.__setitem__(n, x.detach()))) for n in capture.names]
+            logits = bridge.run_with_hooks(toks, fwd_hooks=hooks)
+            if capture is not None:
+                capture(cap, s, sl)
+        end_logits = logits.reshape(s, B, T, -1)[:, b.rows, b.end]  # [s, B, V]
+        out[sl] = metric_values(metric, end_logits.reshape(s * B, -1), b.targets.repeat(s, 1),
+                                b.signs.repeat(s, 1), None if ref is None else ref.repeat(s, 1)).reshape(s, B)
+    return out, m_clean, m_corr
+
+
+def _layer_comp(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return int(parts[1]), parts[-1][len("hook_")]
