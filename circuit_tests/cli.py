@@ -35,6 +35,42 @@ def _zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scores(args: argparse.Namespace) -> int:
+    """Every head's role scores and direct effects for a spec's task at one checkpoint (to decide which heads to name)."""
+    from pathlib import Path
+
+    from .runtime import configure
+
+    configure()
+    from .errors import ModelLoadError
+    from .scores import scores_table
+    from .sources import resolve_checkpoints
+    from .spec import load_spec
+    from .tasks import build_task
+    from .tasks.base import BuildContext
+
+    loaded = load_spec(Path(args.spec))
+    m = loaded.spec.model
+    refs = resolve_checkpoints(m.source, m.revision, m.checkpoints, loaded.dir)
+    want = str(args.checkpoint)
+    pick = [r for r in refs if r.label in (want, f"step{want}") or str(r.step) == want] if args.checkpoint else refs[-1:]
+    if not pick:
+        raise ModelLoadError(f"no checkpoint {want!r} in {m.source}; available: {', '.join(r.label for r in refs)}")
+    ref = pick[0]
+    reason = ref.unavailable_reason()
+    if reason:
+        raise ModelLoadError(reason)
+    bridge = ref.load()
+    prepend = loaded.spec.task.prepend_bos
+    if prepend is None:
+        prepend = True if ref.kind == "zoo" else bool(getattr(bridge.cfg, "default_prepend_bos", True))
+    task = build_task(loaded.spec.task.name, bridge.tokenizer, loaded.spec.task.params,
+                      BuildContext(spec_dir=str(loaded.dir), prepend_bos=prepend))
+    print(f"{loaded.spec.name} @ {ref.label} ({m.source}); task {loaded.spec.task.name}, {len(task)} examples")
+    print(scores_table(bridge, task, roles={k: list(v) for k, v in loaded.spec.circuit.roles.items()}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuit-tests", description="Circuit claims as pytest tests. Run specs with "
                                 "`pytest specs/`; this command holds the helpers around them.")
@@ -49,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("name")
     zt.add_argument("--out", help="output directory (default: a new temporary directory)")
     zt.set_defaults(fn=_zoo_train)
+    sc = sub.add_parser("scores", help="print every head's role scores and path-patching effects for a spec's "
+                                         "task at one checkpoint (to choose which heads to name)")
+    sc.add_argument("spec", help="a spec file (its model, task and roles are used)")
+    sc.add_argument("--checkpoint", help="step or label (default: the last checkpoint)")
+    sc.set_defaults(fn=_scores)
     return p
 
 

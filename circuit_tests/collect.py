@@ -127,12 +127,22 @@ def failure_text(r: Record) -> str:
     verdict = "not evaluated" if r.outcome == "not_evaluated" else "does not hold"
     lines = [f"{r.spec_file}:{r.line}: claim {r.claim!r} {verdict} at {r.checkpoint}" + (f" (expected {r.expected})" if r.expected != "present" else ""),
              f"  reason:        {r.reason}"]
-    if r.value is not None or r.m_M is not None:
-        bounds = f">= {_f(r.threshold_min)}" + (f" and <= {_f(r.threshold_max)}" if r.threshold_max is not None else "")
+    bounds = f">= {_f(r.threshold_min)}" + (f" and <= {_f(r.threshold_max)}" if r.threshold_max is not None else "")
+    x = r.extra
+    if r.claim_type == "faithfulness" and (r.value is not None or r.m_M is not None):
         lines += [f"  measured:      {_f(r.value)} ({r.normalization}, {r.metric})   threshold: {bounds}",
                   f"  95% CI:        [{_f(r.ci_low)}, {_f(r.ci_high)}] over {r.n_examples} examples (bootstrap)",
                   f"  m(M) = {_f(r.m_M)}   m(M') = {_f(r.m_Mprime)}   m(C) = {_f(r.m_C)}   ablation: {r.ablation}"]
         if r.kl is not None:
             lines.append(f"  KL(full || circuit) = {_f(r.kl)}   max_kl: {_f(r.max_kl)}")
+    elif r.claim_type == "role_score" and "per_head" in x:
+        lines += [f"  measured:      {_f(r.value)} ({x.get('score')} score, {x.get('quantifier')}; {x.get('unit')})   threshold: {bounds}",
+                  "  per head:      " + ", ".join(f"{h} {_f(v)}" for h, v in x["per_head"].items())]
+    elif r.claim_type == "path_ratio" and "signed" in x:
+        lines += [f"  measured:      {_f(r.value)} ({x.get('measure')} path ratio into {x.get('receivers')})   threshold: {bounds}",
+                  f"  signed {_f(x.get('signed'))}, absolute {_f(x.get('absolute'))}; numerator {_f(x.get('numerator'))}, "
+                  f"denominator {_f(x.get('denominator'))} ({x.get('denominator_set')} senders)",
+                  f"  m(clean) = {_f(x.get('m_clean'))}   m(corrupted) = {_f(x.get('m_corrupted'))}   ({x.get('metric')})",
+                  "  sender effects: " + ", ".join(f"{h} {_f(v)}" for h, v in x.get("effects", {}).items())]
     lines.append(f"  model: {r.model} @ {r.checkpoint}" + (f"   weights sha256 {r.weights_sha256[:16]}…" if r.weights_sha256 else ""))
     return "\n".join(lines)

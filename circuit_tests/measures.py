@@ -83,3 +83,81 @@ def faithfulness(evaluation: Any, task: Any, claim: Any) -> Measurement:
         ok = False
         why.append(f"KL(full || circuit) {numbers['kl']:.4g} > max_kl {claim.max_kl:g}")
     return Measurement("pass" if ok else "fail", value, "; ".join(why), "", numbers)
+
+
+# ---------------------------------------------------------------- role scores
+
+def _head(name: str) -> tuple[int, int]:
+    layer, head = name[1:].split(".h")
+    return int(layer), int(head)
+
+
+def compute_role_scores(bridge: Any, task: Any, claim: Any, roles: dict[str, list[str]], bos: bool) -> Any:
+    """The per-head ``HeadScores`` a role-score claim needs (scores.py holds the definitions)."""
+    from . import scores
+
+    name = claim.score_name
+    if name in ("previous_token", "induction", "duplicate_token"):
+        bos_id = getattr(getattr(bridge, "tokenizer", None), "bos_token_id", None)
+        rep = scores.repeated_sequence_scores(bridge, n_seq=claim.n_seq, seq_len=claim.seq_len, seed=claim.seed,
+                                              bos=bos and bos_id is not None, bos_id=bos_id)
+        return rep[name]
+    if name == "name_mover":
+        return scores.name_mover(bridge, task)
+    if name == "copy_suppression":
+        return scores.copy_suppression(bridge, task)
+    if name == "successor":
+        return scores.successor(bridge)
+    if name == "s_inhibition":
+        return scores.s_inhibition(bridge, task, roles["name_mover"])
+    raise ValueError(f"unknown role score {name!r}")  # the spec schema admits only known scores
+
+
+def role_score(head_scores: Any, claim: Any, roles: dict[str, list[str]]) -> Measurement:
+    """all / any / at least k of the role's heads reach ``min``; value = min / max / k-th largest score."""
+    heads = list(claim.heads if claim.heads is not None else roles[claim.role])
+    numbers: dict[str, Any] = {"score": claim.score_name, "unit": head_scores.unit, "quantifier": claim.quantifier,
+                               "details": {k: v for k, v in head_scores.details.items() if isinstance(v, (int, float, str, bool))}}
+    if head_scores.not_evaluated:
+        return Measurement("not_evaluated", None, f"{claim.score_name} score: {head_scores.not_evaluated}", "", numbers)
+    per_head = {h: float(head_scores.values[_head(h)]) for h in heads}
+    numbers["per_head"] = per_head
+    missing = [h for h, v in per_head.items() if v != v]  # nan
+    if missing:
+        return Measurement("not_evaluated", None, f"{claim.score_name} score not computed for {', '.join(missing)}", "", numbers)
+    vals = sorted(per_head.values(), reverse=True)
+    k = {"all": len(vals), "any": 1, "at_least": claim.k}[claim.quantifier]
+    value = vals[k - 1]
+    ok = value >= claim.min
+    shown = ", ".join(f"{h} {v:.3g}" for h, v in per_head.items())
+    need = {"all": "every head", "any": "some head", "at_least": f"at least {k} heads"}[claim.quantifier]
+    reason = "" if ok else f"{claim.score_name} score: {need} must reach {claim.min:g} ({head_scores.unit}); got {shown}"
+    return Measurement("pass" if ok else "fail", value, reason, "", numbers)
+
+
+# ---------------------------------------------------------------- path-patching ratios
+
+def path_ratio(result: Any, claim: Any, roles: dict[str, list[str]], circuit_heads: list[str], metric: str) -> Measurement:
+    """Share of the path-patching effect on the receivers carried by the sender roles (reference/metrics.md §6)."""
+    from .path_patching import path_patch_ratio
+
+    gap = float(result.ld_clean - result.ld_corrupt)
+    floor = claim.min_effect if claim.min_effect is not None else DEFAULT_MIN_EFFECT.get(metric, 0.05)
+    numbers: dict[str, Any] = {"metric": metric, "m_clean": float(result.ld_clean), "m_corrupted": float(result.ld_corrupt),
+                               "receivers": result.receivers.describe() if hasattr(result.receivers, "describe") else str(result.receivers),
+                               "measure": claim.measure, "denominator_set": claim.denominator}
+    if gap < floor:
+        return Measurement("not_evaluated", None, f"full model cannot do the task: m(clean) - m(corrupted) = {gap:.4g} < "
+                           f"floor {floor:g} ({metric})", CANNOT_DO_TASK, numbers)
+    senders = sorted({_head(h) for r in claim.senders for h in roles[r] if h.startswith("a")})
+    den = None if claim.denominator == "all" else sorted({_head(h) for h in circuit_heads})
+    ratio = path_patch_ratio(result.effects, senders, den)
+    numbers.update({k: ratio[k] for k in ("signed", "absolute", "numerator", "denominator", "numerator_abs", "denominator_abs")})
+    numbers["effects"] = {f"a{l}.h{h}": float(result.effects[l, h]) for l, h in senders}
+    value = ratio[claim.measure]
+    if value is None:
+        return Measurement("not_evaluated", None, "zero denominator: no sender has an effect on these receivers", "", numbers)
+    ok = value >= claim.min and (claim.max is None or value <= claim.max)
+    why = "" if ok else (f"{claim.measure} path ratio {value:.4g} (from {', '.join(claim.senders)} to {claim.receivers}) "
+                         f"outside [{claim.min:g}, {claim.max if claim.max is not None else 'inf'}]")
+    return Measurement("pass" if ok else "fail", value, why, "", numbers)

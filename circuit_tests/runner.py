@@ -80,6 +80,9 @@ class CheckpointResult:
     duplicate_of: str | None = None
     sha256: str | None = None
     warnings: list[str] = field(default_factory=list)
+    bridge: Any = None
+    prepend_bos: bool = True
+    cache: dict[Any, Any] = field(default_factory=dict)  # role scores and path patching, per checkpoint
 
 
 def evaluate_checkpoint(run: SpecRun, ref: Any) -> CheckpointResult:
@@ -112,16 +115,43 @@ def evaluate_checkpoint(run: SpecRun, ref: Any) -> CheckpointResult:
         prepend = True if ref.kind == "zoo" else bool(getattr(bridge.cfg, "default_prepend_bos", True))
     ctx = BuildContext(spec_dir=str(run.loaded.dir), prepend_bos=prepend)
     res.task = build_task(spec.task.name, bridge.tokenizer, spec.task.params, ctx)
-    engine = PatchingEngine(bridge, graph)
-    res.evaluation = engine.evaluate(res.task, res.circuit, spec.ablation, spec.task.batch_size)
+    res.bridge, res.prepend_bos = bridge, prepend
+    if any(c.type == "faithfulness" for c in spec.claims):
+        engine = PatchingEngine(bridge, graph)
+        res.evaluation = engine.evaluate(res.task, res.circuit, spec.ablation, spec.task.batch_size)
     run.evaluations[ref.label] = res
     return res
 
 
-def measure_claim(run: SpecRun, ref: Any, index: int) -> Record:
-    """The record for claim ``index`` of the spec at checkpoint ``ref`` (expectation applied)."""
+def _claim_measurement(run: SpecRun, res: CheckpointResult, claim: Any, rec: Record) -> Any:
+    """Dispatch one claim to its measure; expensive intermediate results are cached per checkpoint."""
     from . import measures
 
+    spec = run.loaded.spec
+    roles = spec.circuit.roles
+    if claim.type == "faithfulness":
+        rec.threshold_min, rec.threshold_max, rec.max_kl = claim.min, claim.max, claim.max_kl
+        return measures.faithfulness(res.evaluation, res.task, claim)
+    if claim.type == "role_score":
+        rec.threshold_min = claim.min
+        key = ("role", claim.score_name, claim.n_seq, claim.seq_len, claim.seed)
+        if key not in res.cache:
+            res.cache[key] = measures.compute_role_scores(res.bridge, res.task, claim, roles, res.prepend_bos)
+        return measures.role_score(res.cache[key], claim, roles)
+    rec.threshold_min, rec.threshold_max = claim.min, claim.max
+    from .path_patching import Receivers, path_patch
+
+    receivers = (Receivers.logits() if claim.receivers == "logits"
+                 else Receivers.parse([f"{h}<{claim.input}>" for h in roles[claim.receivers] if h.startswith("a")]))
+    key = ("path", receivers.describe())
+    if key not in res.cache:
+        res.cache[key] = path_patch(res.bridge, res.task, receivers, batch_size=spec.task.batch_size)
+    heads = sorted(n for n in res.circuit.nodes if n.startswith("a")) if res.circuit else []
+    return measures.path_ratio(res.cache[key], claim, roles, heads, res.task.default_metric)
+
+
+def measure_claim(run: SpecRun, ref: Any, index: int) -> Record:
+    """The record for claim ``index`` of the spec at checkpoint ``ref`` (expectation applied)."""
     loaded, spec = run.loaded, run.loaded.spec
     claim = spec.claims[index]
     cid = spec.claim_ids()[index]
@@ -145,16 +175,14 @@ def measure_claim(run: SpecRun, ref: Any, index: int) -> Record:
     if res.duplicate_of:
         rec.reason = f"duplicate of {res.duplicate_of}: identical weights (sha256 {res.sha256[:12] if res.sha256 else '?'}…)"
         return rec
-    if claim.type == "faithfulness":
-        m = measures.faithfulness(res.evaluation, res.task, claim)
-        rec.threshold_min, rec.threshold_max, rec.max_kl = claim.min, claim.max, claim.max_kl
-    else:  # pragma: no cover - the schema admits only known types
-        raise SpecError(f"{loaded.where('claims', index)}: claims[{index}].type: unsupported claim type {claim.type!r}")
+    m = _claim_measurement(run, res, claim, rec)
     n = m.numbers
     rec.value, rec.measured, rec.reason = m.value, m.outcome, m.reason
     rec.metric, rec.normalization = n.get("metric"), n.get("normalization")
     rec.m_M, rec.m_Mprime, rec.m_C = n.get("m_M"), n.get("m_Mprime"), n.get("m_C")
     rec.ci_low, rec.ci_high, rec.kl, rec.n_examples = n.get("ci_low"), n.get("ci_high"), n.get("kl"), n.get("n_examples")
+    rec.extra.update({k: v for k, v in n.items() if k not in ("metric", "normalization", "m_M", "m_Mprime", "m_C", "ci_low",
+                                                              "ci_high", "kl", "n_examples")})
     if res.warnings:
         rec.extra["warnings"] = res.warnings
     rec.outcome = _apply_expectation(rec, m.reason_kind, holds_from)

@@ -136,7 +136,61 @@ class FaithfulnessClaim(_Claim):
         return self
 
 
-Claim = Annotated[Union[FaithfulnessClaim], Field(discriminator="type")]
+ROLE_SCORES = ("previous_token", "induction", "duplicate_token", "name_mover", "copy_suppression", "successor",
+               "s_inhibition")
+
+
+class RoleScoreClaim(_Claim):
+    """The heads of a role still do what the role says: a component-function score per head vs ``min``."""
+
+    type: Literal["role_score"]
+    role: RoleName = Field(description="a role of circuit.roles; its heads are scored")
+    score: Literal[ROLE_SCORES] | None = Field(None, description="which score (default: the role's name). "  # type: ignore[valid-type]
+                                               "previous_token/induction/duplicate_token: attention fraction; "
+                                               "name_mover/copy_suppression: % top-5 (negative) copy score; "
+                                               "successor: fraction of ordinal pairs; s_inhibition: 1 if the "
+                                               "three-condition test holds")
+    heads: list[NodeName] | None = Field(None, description="score only these heads of the role")
+    quantifier: Literal["all", "any", "at_least"] = Field("all", description="how many heads must reach min")
+    k: int | None = Field(None, ge=1, description="with quantifier at_least")
+    min: float
+    seq_len: int = Field(30, ge=2, description="repeated-sequence scores: length of each half")
+    n_seq: int = Field(16, ge=1, description="repeated-sequence scores: number of sequences")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _k(self) -> "RoleScoreClaim":
+        if (self.quantifier == "at_least") != (self.k is not None):
+            raise ValueError("k is required with quantifier 'at_least' and only allowed there")
+        return self
+
+    @property
+    def score_name(self) -> str:
+        return self.score or self.role
+
+
+class PathRatioClaim(_Claim):
+    """Share of the path-patching effect on a receiver set that flows through a sender role (Tigges Fig. 4)."""
+
+    type: Literal["path_ratio"]
+    senders: list[RoleName] = Field(description="roles whose heads form the numerator")
+    receivers: RoleName | Literal["logits"] = Field(description="'logits' (direct effect) or a role whose heads' "
+                                                                "inputs receive")
+    input: Literal["q", "k", "v"] = Field("q", description="which input of the receiver heads")
+    denominator: Literal["all", "circuit"] = Field("all", description="all heads upstream of the receivers, or "
+                                                                      "only the circuit's heads")
+    measure: Literal["absolute", "signed"] = Field("absolute", description="the gated ratio: sum|e| or sum e")
+    min: float
+    max: float | None = None
+    min_effect: float | None = Field(None, gt=0, description="floor on m(clean) - m(corrupted); default per metric")
+
+    @field_validator("senders", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+Claim = Annotated[Union[FaithfulnessClaim, RoleScoreClaim, PathRatioClaim], Field(discriminator="type")]
 
 
 class Spec(_Strict):
@@ -160,6 +214,37 @@ class Spec(_Strict):
                 raise ValueError(f"duplicate claim id {cid!r}")
             seen.add(cid)
         return self
+
+    def claim_problems(self) -> list[tuple[tuple[Any, ...], str]]:
+        """Cross-checks between claims and the circuit: (key path, message) for each problem."""
+        roles = self.circuit.roles
+        out: list[tuple[tuple[Any, ...], str]] = []
+        known = ", ".join(sorted(roles)) or "none"
+        for i, c in enumerate(self.claims):
+            if isinstance(c, RoleScoreClaim):
+                if c.role not in roles:
+                    out.append((("claims", i, "role"), f"role {c.role!r} is not in circuit.roles (roles: {known})"))
+                    continue
+                if c.score is None and c.role not in ROLE_SCORES:
+                    out.append((("claims", i, "role"), f"no score is named {c.role!r}; add score: one of {', '.join(ROLE_SCORES)}"))
+                heads = c.heads if c.heads is not None else roles[c.role]
+                for j, h in enumerate(heads):
+                    if c.heads is not None and h not in roles[c.role]:
+                        out.append((("claims", i, "heads", j), f"{h} is not a head of role {c.role!r} ({', '.join(roles[c.role])}): "
+                                                                "a role score on a head outside the circuit's role"))
+                    if not h.startswith("a"):
+                        out.append((("claims", i, "heads" if c.heads is not None else "role"), f"{h} is not an attention head: role scores score heads"))
+                if c.k is not None and c.k > len(heads):
+                    out.append((("claims", i, "k"), f"k = {c.k} but the role has {len(heads)} head(s)"))
+                if c.score_name == "s_inhibition" and "name_mover" not in roles:
+                    out.append((("claims", i, "role"), "the s_inhibition score needs the circuit's name_mover role"))
+            elif isinstance(c, PathRatioClaim):
+                for j, r in enumerate(c.senders):
+                    if r not in roles:
+                        out.append((("claims", i, "senders", j), f"role {r!r} is not in circuit.roles (roles: {known})"))
+                if c.receivers != "logits" and c.receivers not in roles:
+                    out.append((("claims", i, "receivers"), f"role {c.receivers!r} is not in circuit.roles (roles: {known}) and is not 'logits'"))
+        return out
 
     def claim_ids(self) -> list[str]:
         """Stable, unique item names: the explicit id, else the type (numbered when a type repeats)."""
@@ -249,7 +334,8 @@ def _message(err: dict[str, Any], allowed: list[str]) -> str:
     return f"{msg}, got {inp!r}" if typ in ("greater_than_equal", "greater_than", "less_than_equal", "string_pattern_mismatch", "too_short") else msg
 
 
-CLAIM_TYPES: dict[str, type[BaseModel]] = {"faithfulness": FaithfulnessClaim}
+CLAIM_TYPES: dict[str, type[BaseModel]] = {"faithfulness": FaithfulnessClaim, "role_score": RoleScoreClaim,
+                                           "path_ratio": PathRatioClaim}
 
 
 def _allowed_keys(data: Any, path: tuple[Any, ...]) -> list[str]:
@@ -290,6 +376,7 @@ def load_spec(path: str | Path) -> LoadedSpec:
     except ValidationError as e:
         raise SpecError("\n".join(format_validation_error(e, located))) from None
     problems = _check_task_params(spec, located)
+    problems += [f"{located.where(path)}: {format_path(path)}: {msg}" for path, msg in spec.claim_problems()]
     if problems:
         raise SpecError("\n".join(problems))
     return LoadedSpec(spec, p, located)

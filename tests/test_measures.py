@@ -110,3 +110,38 @@ def test_failure_text_has_every_number():
                   "m(C) = -0.4", "[0.35, 0.47]", "64 examples", "zoo:ioi", "abababab"):
         assert piece in text, piece
     assert r.cell == "FAIL 0.41"
+
+
+def test_role_score_quantifiers():
+    from circuit_tests.measures import role_score
+    from circuit_tests.scores import HeadScores
+    from circuit_tests.spec import RoleScoreClaim
+
+    hs = HeadScores(torch.tensor([[0.9, 0.2], [0.6, 0.4]], dtype=torch.float64), "induction", "attention fraction")
+    roles = {"induction": ["a0.h0", "a1.h0", "a1.h1"]}
+    mk = lambda **kw: RoleScoreClaim(type="role_score", role="induction", min=0.5, **kw)  # noqa: E731
+    assert role_score(hs, mk(), roles).value == pytest.approx(0.4) and role_score(hs, mk(), roles).outcome == "fail"
+    assert role_score(hs, mk(quantifier="any"), roles).value == pytest.approx(0.9)
+    r = role_score(hs, mk(quantifier="at_least", k=2), roles)
+    assert r.value == pytest.approx(0.6) and r.outcome == "pass" and r.numbers["per_head"]["a1.h1"] == pytest.approx(0.4)
+    assert role_score(hs, mk(heads=["a1.h1"]), roles).outcome == "fail"
+    ne = HeadScores(torch.full((2, 2), float("nan"), dtype=torch.float64), "successor", "fraction", "no ordinal tokens")
+    assert role_score(ne, mk(score="successor"), roles).outcome == "not_evaluated"
+
+
+def test_path_ratio_from_effects():
+    from types import SimpleNamespace
+
+    from circuit_tests.measures import path_ratio
+    from circuit_tests.spec import PathRatioClaim
+
+    effects = torch.tensor([[-0.6, 0.1], [-0.2, -0.1]], dtype=torch.float64)
+    res = SimpleNamespace(effects=effects, ld_clean=4.0, ld_corrupt=-4.0, receivers="logits")
+    roles = {"s": ["a0.h0", "a1.h0"], "c": ["a0.h1"]}
+    claim = PathRatioClaim(type="path_ratio", senders="s", receivers="logits", min=0.7)
+    m = path_ratio(res, claim, roles, ["a0.h0", "a0.h1", "a1.h0"], "logit_diff")
+    assert m.value == pytest.approx(0.8 / 1.0) and m.numbers["signed"] == pytest.approx(-0.8 / -0.8) and m.outcome == "pass"
+    circ = PathRatioClaim(type="path_ratio", senders="s", receivers="logits", min=0.7, denominator="circuit")
+    assert path_ratio(res, circ, roles, ["a0.h0", "a0.h1", "a1.h0"], "logit_diff").value == pytest.approx(0.8 / 0.9)
+    flat = SimpleNamespace(effects=effects, ld_clean=0.1, ld_corrupt=0.0, receivers="logits")
+    assert path_ratio(flat, claim, roles, [], "logit_diff").outcome == "not_evaluated"

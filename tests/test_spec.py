@@ -193,3 +193,24 @@ def test_malformed_specs_always_give_located_spec_errors(tmp_path, data):
         load_spec(p)
     for line in str(ei.value).splitlines():
         assert re.match(re.escape(str(p)) + r":\d+:\d+: \S", line), line
+
+
+def test_role_score_and_path_ratio_claims_are_cross_checked(tmp_path):
+    ok = VALID + (
+        "  - type: role_score\n    role: induction\n    quantifier: at_least\n    k: 2\n    min: 0.5\n"
+        "  - type: path_ratio\n    senders: previous_token\n    receivers: induction\n    input: k\n    min: 0.8\n")
+    s = load_spec(write(tmp_path, ok)).spec
+    assert [c.type for c in s.claims] == ["faithfulness", "faithfulness", "role_score", "path_ratio"]
+    assert s.claims[3].senders == ["previous_token"]
+    for old, new, msg in [
+        ("role: induction", "role: mover", "claims[2].role: role 'mover' is not in circuit.roles (roles: induction, previous_token)"),
+        ("k: 2", "k: 5", "claims[2].k: k = 5 but the role has 2 head(s)"),
+        ("    k: 2\n", "", "k is required with quantifier 'at_least'"),
+        ("receivers: induction", "receivers: movers", "claims[3].receivers: role 'movers' is not in circuit.roles"),
+        ("    quantifier: at_least\n    k: 2\n", "    heads: [a0.h1]\n", "claims[2].heads[0]: a0.h1 is not a head of role 'induction'"),
+        ("input: k", "input: x", "claims[3].input: expected one of 'q', 'k' or 'v', got 'x'"),
+    ]:
+        text, path = errors_of(tmp_path, ok.replace(old, new))
+        assert text.startswith(path + ":") and msg in text, text
+    text, _ = errors_of(tmp_path, ok.replace("role: induction", "role: previous_token").replace("previous_token: [a0.h1]", "previous_token: [a0.h1, m0]"))
+    assert "m0 is not an attention head" in text
