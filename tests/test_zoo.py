@@ -1,0 +1,166 @@
+"""The shipped model zoo: manifests match the files, checkpoints load through the bridge, the trained
+models do their task (measured here independently of the zoo's own analysis code), and retraining is
+bit-identical (slow, opt-in)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from circuit_tests import zoo
+from circuit_tests.errors import ModelLoadError
+
+MODELS = ("greater_than", "induction", "ioi")
+
+
+def test_list_models_and_table():
+    names = zoo.list_models()
+    assert set(MODELS) <= set(names)
+    assert names == sorted(names)
+    text = zoo.zoo_list_text()
+    for n in MODELS:
+        assert n in text
+    assert "formation" in text.splitlines()[0]
+
+
+@pytest.mark.parametrize("call", [zoo.load_manifest, zoo.checkpoint_dirs])
+def test_unknown_name_lists_known(call):
+    with pytest.raises(ModelLoadError) as ei:
+        call("no-such-model")
+    msg = str(ei.value)
+    assert "no-such-model" in msg and all(n in msg for n in MODELS)
+
+
+def test_train_model_unknown_name(tmp_path):
+    with pytest.raises(ModelLoadError, match="known: "):
+        zoo.train_model("no-such-model", tmp_path)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_manifest_integrity(name):
+    from circuit_tests.models import weights_sha256
+
+    m = zoo.load_manifest(name)
+    assert m["name"] == name
+    steps = [c["step"] for c in m["checkpoints"]]
+    assert steps == sorted(steps) == m["steps"] and steps[0] == 0 and len(set(steps)) == len(steps)
+    assert m["formation_step"] in steps
+    dirs = zoo.checkpoint_dirs(name)
+    assert [s for s, _ in dirs] == steps
+    for (step, d), ck in zip(dirs, m["checkpoints"]):
+        files = {p.name for p in d.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files, d
+        assert "generation_config.json" not in files
+        assert weights_sha256(d) == ck["sha256"], f"{name} step {step}: weights differ from the manifest"
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["architectures"] == ["GPTNeoXForCausalLM"]
+        assert cfg["num_hidden_layers"] == m["architecture"]["n_layers"]
+        assert ck["metrics"] and ck["heads"]
+    for role in m["analysis"]["roles"].values():
+        for h in role["heads"]:
+            assert h["head"].startswith("a") and ".h" in h["head"]
+
+
+def test_tokenizer_word_level_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from circuit_tests.zoo.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(["The", "year", "to", "Mary", ",", "."] + [f"{i:02d}" for i in range(100)])
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    ids = tok("The year 1732 to Mary, zebra.")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["The", "year", "17", "32", "to", "Mary", ",", "<unk>", "."]
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok2("The year 1732 to Mary, zebra.")["input_ids"] == ids
+    known = ids[:7]
+    assert tok2(tok2.decode(known))["input_ids"] == known
+    with pytest.raises(ValueError, match="pre-tokenize"):
+        build_word_tokenizer(["w12"])
+
+
+# --------------------------------------------------------------------------- task metrics, computed here
+def _ids(tok, text):
+    ids = tok(text)["input_ids"]
+    assert tok.unk_token_id not in ids, text
+    return [tok.bos_token_id] + ids
+
+
+def _induction_metric(bridge, tok):
+    """Mean log-prob of the correct token on the second copy of BOS + r + r (higher = better)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(4, len(tok), (16, 12), generator=g)
+    x = torch.cat([torch.full((16, 1), tok.bos_token_id), r, r], 1)
+    with torch.no_grad():
+        lp = bridge(x).log_softmax(-1)
+    return float(lp[:, 13:-1].gather(-1, x[:, 14:, None]).mean())
+
+
+def _ioi_metric(bridge, tok):
+    """logit(IO) - logit(S) at END on BABA and ABBA prompts built from the word lists."""
+    import torch
+
+    from circuit_tests.tasks import wordlists as W
+
+    vals = []
+    for i in range(12):
+        a, b = W.NAMES[i], W.NAMES[-1 - i]
+        for tpl in (W.IOI_BABA_TEMPLATES[i % 3], W.IOI_ABBA_TEMPLATES[i % 3]):
+            text = tpl.replace("[A]", a).replace("[B]", b).replace("[PLACE]", W.PLACES[i % 8]).replace("[OBJECT]", W.OBJECTS[i % 8])
+            prompt = text[: text.rindex(" " + a)]
+            x = torch.tensor([_ids(tok, prompt)])
+            with torch.no_grad():
+                lg = bridge(x)[0, -1]
+            vals.append(float(lg[tok.convert_tokens_to_ids(a)] - lg[tok.convert_tokens_to_ids(b)]))
+    return sum(vals) / len(vals)
+
+
+def _gt_metric(bridge, tok):
+    """sum p(ZZ > YY) - sum p(ZZ <= YY) over the 100 two-digit tokens at END."""
+    import torch
+
+    from circuit_tests.tasks import wordlists as W
+
+    num = torch.tensor([tok.convert_tokens_to_ids(f"{i:02d}") for i in range(100)])
+    vals = []
+    for i, yy in enumerate(range(5, 95, 6)):
+        prompt = W.GREATER_THAN_TEMPLATE.replace("[NOUN]", W.GREATER_THAN_NOUNS[i % 20]).replace("[XX]", "15").replace("[YY]", f"{yy:02d}")
+        x = torch.tensor([_ids(tok, prompt)])
+        with torch.no_grad():
+            p = bridge(x)[0, -1].softmax(-1)[num]
+        vals.append(float(p[yy + 1:].sum() - p[: yy + 1].sum()))
+    return sum(vals) / len(vals)
+
+
+METRIC = {"induction": (_induction_metric, 1.0), "ioi": (_ioi_metric, 3.0), "greater_than": (_gt_metric, 0.3)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_final_checkpoint_beats_step0(name):
+    from circuit_tests.models import load_bridge
+
+    dirs = zoo.checkpoint_dirs(name)
+    fn, margin = METRIC[name]
+    values = {}
+    for step, d in (dirs[0], dirs[-1]):
+        bridge = load_bridge(d)
+        tok = bridge.tokenizer
+        text = "The year 1732 to the" if name == "greater_than" else ("Mary and John , ." if name == "ioi" else "ba be bi")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
+        values[step] = fn(bridge, tok)
+    first, last = values[dirs[0][0]], values[dirs[-1][0]]
+    assert last > first + margin, f"{name}: final {last:.3f} vs step 0 {first:.3f}"
+
+
+@pytest.mark.slow
+def test_retrain_induction_bit_identical(tmp_path):
+    """Same recipe, seed and thread count => every checkpoint's weights hash equals the manifest's."""
+    out = zoo.train_model("induction", tmp_path)
+    shipped = {c["step"]: c["sha256"] for c in zoo.load_manifest("induction")["checkpoints"]}
+    new = {c["step"]: c["sha256"] for c in json.loads((out / "manifest.json").read_text())["checkpoints"]}
+    assert new == shipped
