@@ -6,6 +6,9 @@ For a GPT-2-small-shaped and a Pythia-160m-shaped random-init model (batch 16 x 
   patched pass) / one plain forward of the clean batch.   Target <= 3.3.
 - engine_over_naive: the engine / the naive edge-by-edge reference of tests/reference.py (same circuit,
   same outputs).   Target <= 0.1.
+- path_patching_over_loop (GPT-2-small-shaped): all 144 senders' path-patching effects on the q inputs of two
+  layer-9 heads, batched / two hooked forwards per sender (benchmarks/path_patching.py; CPU-time ratio, loop
+  timed on a subset of senders and scaled).   Target <= 0.1.
 Prints a human-readable line per model and, as the last line, one JSON object.
 
     python benchmarks/engine.py [--repeats 5]
@@ -60,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fraction", type=float, default=0.05, help="fraction of edges in the circuit")
+    ap.add_argument("--skip-path-patching", action="store_true", help="skip the path-patching benchmark (slow: minutes)")
     args = ap.parse_args()
     out = {}
     for name, hf in models():
@@ -82,6 +86,12 @@ def main() -> None:
         print(f"{name}: forward {t_fwd * 1e3:.0f} ms, evaluation {t_eval * 1e3:.0f} ms, naive {t_naive * 1e3:.0f} ms, "
               f"{len(circuit.edges)}/{g.n_edges} edges, max|engine - naive| = {err:.1e}", flush=True)
         del bridge, engine, hf
+    if not args.skip_path_patching:
+        from benchmarks import path_patching
+
+        pp = path_patching.run(argparse.Namespace(loop_senders=6, repeats=1, threads=1, batch=16, seq=32))
+        out["gpt2_small_shaped"]["path_patching_over_loop"] = pp["path_patching_over_loop"]
+        out["gpt2_small_shaped"]["path_patching_over_loop_worst_case"] = pp["path_patching_over_loop_worst_case_q"]
     print(json.dumps(out))
 
 

@@ -37,6 +37,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     args = ap.parse_args()
     configure(threads=args.threads)
+    print(json.dumps(run(args)))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """All cases; returns the summary dict (also used by benchmarks/engine.py)."""
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -155,7 +160,7 @@ def main() -> None:
         "path_patching_over_loop_worst_case_logits": results["worst_case/logits"]["ratio_cpu"],
         "cases": results,
     }
-    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":
