@@ -43,6 +43,7 @@ def _scores(args: argparse.Namespace) -> int:
 
     configure()
     from .errors import ModelLoadError
+    from .runner import prepend_bos
     from .scores import scores_table
     from .sources import resolve_checkpoints
     from .spec import load_spec
@@ -61,9 +62,7 @@ def _scores(args: argparse.Namespace) -> int:
     if reason:
         raise ModelLoadError(reason)
     bridge = ref.load()
-    prepend = loaded.spec.task.prepend_bos
-    if prepend is None:
-        prepend = True if ref.kind == "zoo" else bool(getattr(bridge.cfg, "default_prepend_bos", True))
+    prepend = prepend_bos(loaded.spec, ref, bridge)
     task = build_task(loaded.spec.task.name, bridge.tokenizer, loaded.spec.task.params,
                       BuildContext(spec_dir=str(loaded.dir), prepend_bos=prepend))
     print(f"{loaded.spec.name} @ {ref.label} ({m.source}); task {loaded.spec.task.name}, {len(task)} examples")

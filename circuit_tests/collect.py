@@ -12,11 +12,10 @@ from typing import Any, Iterator
 import pytest
 
 from .errors import CircuitTestsError, SpecError
+from .plugin import RECORD_KEY
 from .results import Record
 from .runner import SpecRun, circuit_for, graph_from_dir, measure_claim
 from .spec import load_spec
-
-RECORD_KEY = "circuit_tests_record"
 
 
 class ClaimFailed(Exception):
@@ -61,9 +60,7 @@ class CheckpointNode(pytest.Collector):
                                             task=run.loaded.spec.task.name, checkpoint=ref.label))
 
     def collect(self) -> Iterator[pytest.Item]:
-        ids = self.run.loaded.spec.claim_ids()
-        self.run.remaining[self.ref.label] = len(ids)
-        for i, cid in enumerate(ids):
+        for i, cid in enumerate(self.run.loaded.spec.claim_ids()):
             yield ClaimItem.from_parent(self, name=f"{cid}[{self.ref.label}]", index=i)
 
     def teardown(self) -> None:
@@ -76,7 +73,6 @@ class ClaimItem(pytest.Item):
     def __init__(self, *, index: int, **kw: Any):
         super().__init__(**kw)
         self.index = index
-        self.record: Record | None = None
         loaded = self._node.run.loaded
         self.circuit_location = (str(loaded.path), loaded.line_of("claims", index))
 
@@ -90,7 +86,6 @@ class ClaimItem(pytest.Item):
             rec = measure_claim(node.run, node.ref, self.index)
         except CircuitTestsError as e:
             raise ClaimError(str(e)) from None
-        self.record = rec
         self.user_properties.append((RECORD_KEY, rec.to_json()))
         if rec.outcome == "pass":
             if rec.expected == "absent":

@@ -134,9 +134,6 @@ class PatchingEngine:
         cat = {k: torch.cat(v) for k, v in out.items()}
         return Evaluation(cat["clean"], cat["corrupted"], cat["circuit"], cat["baseline"], ablation)
 
-    def circuit_logits(self, task: TaskData, circuit: Circuit, ablation: str = "corrupted", batch_size: int = 32) -> torch.Tensor:
-        return self.evaluate(task, circuit, ablation, batch_size).circuit
-
     # ------------------------------------------------------------------ passes
     def _logits_at(self, tokens: torch.Tensor, end: torch.Tensor | None, hooks: list, final: Callable | None = None) -> torch.Tensor | None:
         """Run ``tokens`` with ``hooks``; logits at rows' END positions only (unembedding just those rows).

@@ -44,8 +44,9 @@ def _bootstrap(num: np.ndarray, den_parts: tuple[np.ndarray, ...], fn, n: int = 
 def faithfulness(evaluation: Any, task: Any, claim: Any) -> Measurement:
     """Evaluate a FaithfulnessClaim on an engine ``Evaluation`` of the spec's circuit."""
     metric = claim.metric or task.default_metric
-    if metric not in DEFAULT_MIN_EFFECT:
-        return Measurement("not_evaluated", None, f"metric {metric!r} cannot be normalized as faithfulness")
+    if metric not in DEFAULT_MIN_EFFECT:  # e.g. a custom task whose default metric is kl
+        return Measurement("not_evaluated", None, f"metric {metric!r} cannot be normalized as faithfulness; "
+                           f"set the claim's metric to one of {', '.join(DEFAULT_MIN_EFFECT)}")
     t, s = task.targets, task.signs
     full = metric_values(metric, evaluation.clean, t, s).numpy()
     base = metric_values(metric, evaluation.baseline, t, s).numpy()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CircuitTestsError, GraphError, SpecError
+from .errors import GraphError, ModelLoadError, SpecError
 from .graph import Circuit, Graph, resolve_circuit
 from .results import Record
 from .spec import LoadedSpec
@@ -47,6 +47,13 @@ def graph_from_dir(model_dir: Path | None) -> Graph | None:
     return Graph.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
+def prepend_bos(spec: Any, ref: Any, bridge: Any) -> bool:
+    """The spec's ``task.prepend_bos``, else True for zoo models (trained with BOS), else the model's convention."""
+    if spec.task.prepend_bos is not None:
+        return spec.task.prepend_bos
+    return True if ref.kind == "zoo" else bool(getattr(bridge.cfg, "default_prepend_bos", True))
+
+
 @dataclass
 class SpecRun:
     """Everything shared by the items of one spec file."""
@@ -56,7 +63,6 @@ class SpecRun:
     hashes: dict[str, str] | None = None
     duplicates: dict[str, str] | None = None
     evaluations: dict[str, Any] = field(default_factory=dict)
-    remaining: dict[str, int] = field(default_factory=dict)
 
     def integrity(self) -> tuple[dict[str, str], dict[str, str]]:
         """sha256 of every available checkpoint's weights, and later-duplicate → earlier label."""
@@ -110,9 +116,7 @@ def evaluate_checkpoint(run: SpecRun, ref: Any) -> CheckpointResult:
     graph = Graph.from_bridge(bridge)
     res.circuit = circuit_for(run.loaded, graph)
     res.warnings = [f"dangling: {d}" for d in res.circuit.dangling()]
-    prepend = spec.task.prepend_bos
-    if prepend is None:
-        prepend = True if ref.kind == "zoo" else bool(getattr(bridge.cfg, "default_prepend_bos", True))
+    prepend = prepend_bos(spec, ref, bridge)
     ctx = BuildContext(spec_dir=str(run.loaded.dir), prepend_bos=prepend)
     res.task = build_task(spec.task.name, bridge.tokenizer, spec.task.params, ctx)
     res.bridge, res.prepend_bos = bridge, prepend
@@ -163,10 +167,8 @@ def measure_claim(run: SpecRun, ref: Any, index: int) -> Record:
         rec.expected = "absent"
     try:
         res = evaluate_checkpoint(run, ref)
-    except CircuitTestsError as e:
+    except ModelLoadError as e:  # weights that exist but cannot be loaded: not evaluated, with the reason
         rec.reason = str(e)
-        if isinstance(e, SpecError):
-            raise
         return rec
     rec.weights_sha256, rec.duplicate_of = res.sha256, res.duplicate_of
     if res.unavailable:

@@ -138,3 +138,13 @@ def test_uncached_hub_model_is_not_evaluated_fast(pytester, monkeypatch, tmp_pat
     out = r.stdout.str()
     r.assert_outcomes(skipped=4)
     assert "not in the local HF cache" in out and "step1000" in out
+
+
+def test_plugin_module_is_thin():
+    """Loading the pytest11 entry point must not import torch/transformers (pytest --help stays fast)."""
+    import subprocess
+    import sys
+
+    code = "import sys, circuit_tests.plugin; print(sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
