@@ -214,3 +214,12 @@ def test_role_score_and_path_ratio_claims_are_cross_checked(tmp_path):
         assert text.startswith(path + ":") and msg in text, text
     text, _ = errors_of(tmp_path, ok.replace("role: induction", "role: previous_token").replace("previous_token: [a0.h1]", "previous_token: [a0.h1, m0]"))
     assert "m0 is not an attention head" in text
+
+
+def test_committed_schema_is_current():
+    """spec.schema.json (referenced by the specs' yaml-language-server header) matches the models."""
+    import json
+    from pathlib import Path
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "spec.schema.json").read_text())
+    assert committed == json_schema(), "regenerate with: circuit-tests schema > spec.schema.json"
