@@ -104,10 +104,10 @@ class PatchingEngine:
 
     def __init__(self, bridge: Any, graph: Graph | None = None):
         self.bridge = bridge.eval()
-        self.graph = graph or Graph.from_bridge(bridge)
-        gb = Graph.from_bridge(bridge)
-        if (gb.n_layers, gb.n_heads, gb.parallel) != (self.graph.n_layers, self.graph.n_heads, self.graph.parallel):
-            raise ValueError(f"graph {self.graph} does not match the model {gb}")
+        shape = Graph.from_bridge(bridge)
+        self.graph = graph or shape
+        if self.graph != shape:
+            raise ValueError(f"graph {self.graph} does not match the model {shape}")
         self.W_O = bridge.W_O.detach()  # [L, H, d_head, d_model]
         self._plan_key: frozenset | None = None
         self._plan: dict[str, _Group] = {}
