@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 
@@ -223,3 +224,19 @@ def test_committed_schema_is_current():
 
     committed = json.loads((Path(__file__).resolve().parents[1] / "spec.schema.json").read_text())
     assert committed == json_schema(), "regenerate with: circuit-tests schema > spec.schema.json"
+
+
+def test_readme_spec_example_is_valid(tmp_path):
+    """The spec shown in the README validates (and names heads that exist in the zoo ioi model)."""
+    import re
+    from pathlib import Path
+
+    from circuit_tests.graph import Graph
+    from circuit_tests.runner import circuit_for
+    from circuit_tests.zoo import checkpoint_dirs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```yaml\n(# a shortened specs/ioi.circuit.yaml\n.*?)```", readme, re.S).group(1)
+    loaded = load_spec(write(tmp_path, example))
+    config = json.loads((checkpoint_dirs("ioi")[-1][1] / "config.json").read_text())
+    assert circuit_for(loaded, Graph.from_hf_config(config)).nodes >= {"a0.h1", "a2.h0", "a1.h1"}
