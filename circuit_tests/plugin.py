@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "circuit(spec, model, task, checkpoint): a circuit claim item")
     from .runtime import configure
 
-    configure(online=True if config.getoption("circuit_online") else None)
+    configure(online=True if config.getoption("circuit_online") else None, import_torch=False)
     config.pluginmanager.register(ResultCollector(config), "circuit_tests_results")
 
 

@@ -12,11 +12,13 @@ import os
 _configured = False
 
 
-def configure(*, online: bool | None = None, threads: int = 1) -> None:
+def configure(*, online: bool | None = None, threads: int = 1, import_torch: bool = True) -> None:
     """Set offline-first hub access, quiet progress bars and the torch thread count (idempotent).
 
     ``online``: None keeps an explicit ``HF_HUB_OFFLINE`` from the environment, else offline unless
     ``CIRCUIT_TESTS_ONLINE=1``. True/False forces it (also at runtime, via huggingface_hub.constants).
+    ``import_torch=False`` (the pytest plugin) only sets the environment, so ``pytest --help`` stays fast;
+    modules that use torch call ``configure()`` again and fix the thread count then.
     """
     global _configured
     if online is None:
@@ -33,7 +35,8 @@ def configure(*, online: bool | None = None, threads: int = 1) -> None:
             pass
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not _configured:
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when torch is imported
+    if import_torch and not _configured:
         import torch
 
         torch.set_num_threads(threads)

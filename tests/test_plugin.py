@@ -142,11 +142,19 @@ def test_uncached_hub_model_is_not_evaluated_fast(pytester, monkeypatch, tmp_pat
     assert "not in the local HF cache" in out and "step1000" in out
 
 
-def test_plugin_module_is_thin():
+def test_plugin_module_is_thin(tmp_path):
     """Loading the pytest11 entry point must not import torch/transformers (pytest --help stays fast)."""
     import subprocess
     import sys
 
-    code = "import sys, circuit_tests.plugin; print(sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules))"
+    heavy = "sorted(m for m in ('torch', 'transformers', 'transformer_lens') if m in sys.modules)"
+    code = f"import sys, circuit_tests.plugin; print({heavy})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+    # the whole `pytest --help` path (option registration and pytest_configure) too
+    code = ("import contextlib, io, sys, pytest\n"
+            "with contextlib.redirect_stdout(io.StringIO()): pytest.main(['--help', '-p', 'no:cacheprovider'])\n"
+            f"print({heavy})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout.strip()  # outside this repo: its tests/conftest.py imports torch
+    assert out.splitlines()[-1] == "[]"
