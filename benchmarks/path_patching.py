@@ -23,9 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from circuit_tests.runtime import configure
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.reference
+
+from circuit_tests.runtime import configure  # noqa: E402
 
 
 def main() -> None:
@@ -46,10 +50,10 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from circuit_tests.metrics import metric_values
     from circuit_tests.models import bridge_from_hf
-    from circuit_tests.path_patching import Receivers, path_patch, split_qkv_inputs
+    from circuit_tests.path_patching import Receivers, path_patch
     from circuit_tests.tasks.base import TaskData
+    from tests.reference import naive_path_patch
 
     torch.manual_seed(0)
     bridge = bridge_from_hf(GPT2LMHeadModel(GPT2Config()))
@@ -75,47 +79,10 @@ def run(args: argparse.Namespace) -> dict:
                                    "END": torch.full((B,), T - 1)})
 
     def loop_time(task: TaskData, recv: Receivers, senders: list[tuple[int, int]]):
-        """Two hooked forwards per sender, straight from the definition.
-
-        Returns ((wall, cpu) seconds of the two cached forwards, [(wall, cpu) per sender]).
-        """
-        rows = torch.arange(B)
-        with torch.no_grad():
-            t0, c0 = time.perf_counter(), time.process_time()
-            _, cc = bridge.run_with_cache(task.clean, names_filter=lambda n: n.endswith("attn.hook_z"))
-            _, kc = bridge.run_with_cache(task.corrupted, names_filter=lambda n: n.endswith("attn.hook_z"))
-            t_cache = (time.perf_counter() - t0, time.process_time() - c0)
-            names = ([f"blocks.{L - 1}.hook_resid_post"] if recv.kind == "logits"
-                     else sorted({f"blocks.{l}.hook_{c}_input" for l, _, c in recv.heads}))
-            per = []
-            with split_qkv_inputs(bridge, recv.kind == "heads"):
-                for ls, hs in senders:
-                    t0, c0 = time.perf_counter(), time.process_time()
-
-                    def freeze(z, hook, l):
-                        z = cc[f"blocks.{l}.attn.hook_z"].clone()
-                        if l == ls:
-                            z[:, :, hs] = kc[f"blocks.{l}.attn.hook_z"][:, :, hs]
-                        return z
-
-                    rec = {}
-                    hooks = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: freeze(z, hook, l)) for l in range(L)]
-                    hooks += [(n, lambda x, hook, n=n: rec.__setitem__(n, x.clone())) for n in names]
-                    bridge.run_with_hooks(task.clean, fwd_hooks=hooks)
-
-                    def patch(x, hook, n):
-                        if recv.kind == "logits":
-                            return rec[n]
-                        x = x.clone()
-                        for lr, hr, _ in recv.heads:
-                            x[:, :, hr] = rec[n][:, :, hr]
-                        return x
-
-                    lg = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, lambda x, hook, n=n: patch(x, hook, n))
-                                                                      for n in names])
-                    metric_values("logit_diff", lg[rows, task.end], task.targets, task.signs).mean()
-                    per.append((time.perf_counter() - t0, time.process_time() - c0))
-        return t_cache, per
+        """Two hooked forwards per sender (tests/reference.py): ((wall, cpu) of the caches, [(wall, cpu) per sender])."""
+        timings: list = []
+        naive_path_patch(bridge, task, recv, senders, timings=timings)
+        return tuple(timings[0][1:]), [tuple(t[1:]) for t in timings[1:]]
 
     step = max(1, (L * H) // args.loop_senders)
     subset = [(i // H, i % H) for i in range(0, L * H, step)][: args.loop_senders]

@@ -1,4 +1,6 @@
-"""A slow, naive, edge-by-edge reference evaluator: the definition of circuit evaluation, written directly.
+"""Slow, naive references, written straight from the definitions (tests and benchmarks compare against them).
+
+``naive_circuit_logits``: the edge-by-edge definition of circuit evaluation.
 
 For every receiver slot (each head's q/k/v input, each MLP input, the logits) it rebuilds the input from
 scratch in a Python loop over its upstream senders: ``x - Σ_s h_s(current) + Σ_s (h_s(current) if (s→r) ∈ C
@@ -9,9 +11,13 @@ from __future__ import annotations
 
 from functools import partial
 
+import time
+
 import torch
 
 from circuit_tests.graph import Circuit
+from circuit_tests.metrics import metric_values
+from circuit_tests.path_patching import split_qkv_inputs
 
 
 def _sender_hooks(graph):
@@ -91,3 +97,62 @@ def naive_circuit_logits(bridge, task, circuit: Circuit, ablation: str = "corrup
         bridge.set_use_attn_result(False)
         bridge.set_use_split_qkv_input(False)
         bridge.set_use_hook_mlp_in(False)
+
+
+@torch.no_grad()
+def naive_path_patch(bridge, task, recv, senders, metric: str = "logit_diff", timings: list | None = None):
+    """Path patching by its definition, two hooked forwards per sender (metrics.md §6).
+
+    (1) cache clean and corrupted ``hook_z``; (2) run clean with every head frozen to clean except the
+    sender, taken from the corrupted run at every position, recording the receivers' inputs; (3) run clean
+    again with only the receivers' inputs replaced. Returns ({sender: m_patched - m_clean}, m_clean,
+    m_corrupt). ``timings`` (optional) receives ("cache", wall, cpu) and then (sender, wall, cpu) per sender.
+    """
+    L = bridge.cfg.n_layers
+    rows = torch.arange(len(task))
+    m = lambda lg: float(metric_values(metric, lg[rows, task.end], task.targets, task.signs).mean())  # noqa: E731
+
+    def clock():
+        return time.perf_counter(), time.process_time()
+
+    w0, c0 = clock()
+    lg_c, cc = bridge.run_with_cache(task.clean, names_filter=lambda n: n.endswith("attn.hook_z"))
+    lg_k, kc = bridge.run_with_cache(task.corrupted, names_filter=lambda n: n.endswith("attn.hook_z"))
+    m_clean, m_corr = m(lg_c), m(lg_k)
+    if timings is not None:
+        w1, c1 = clock()
+        timings.append(("cache", w1 - w0, c1 - c0))
+    names = ([f"blocks.{L - 1}.hook_resid_post"] if recv.kind == "logits"
+             else sorted({f"blocks.{l}.hook_{c}_input" for l, _, c in recv.heads}))
+    out = {}
+    with split_qkv_inputs(bridge, recv.kind == "heads"):
+        for ls, hs in senders:
+            w0, c0 = clock()
+
+            def freeze(z, hook, l):
+                z = cc[f"blocks.{l}.attn.hook_z"].clone()
+                if l == ls:
+                    z[:, :, hs] = kc[f"blocks.{l}.attn.hook_z"][:, :, hs]
+                return z
+
+            rec = {}
+            hooks = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: freeze(z, hook, l)) for l in range(L)]
+            hooks += [(n, lambda x, hook, n=n: rec.__setitem__(n, x.clone())) for n in names]
+            bridge.run_with_hooks(task.clean, fwd_hooks=hooks)
+
+            def patch(x, hook, n):
+                if recv.kind == "logits":
+                    return rec[n]
+                x = x.clone()
+                l, c = int(n.split(".")[1]), n.split("hook_")[1][0]
+                for lr, hr, cr in recv.heads:
+                    if (lr, cr) == (l, c):
+                        x[:, :, hr] = rec[n][:, :, hr]
+                return x
+
+            lg = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, lambda x, hook, n=n: patch(x, hook, n)) for n in names])
+            out[(ls, hs)] = m(lg) - m_clean
+            if timings is not None:
+                w1, c1 = clock()
+                timings.append(((ls, hs), w1 - w0, c1 - c0))
+    return out, m_clean, m_corr

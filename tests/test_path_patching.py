@@ -23,6 +23,8 @@ from circuit_tests.models import bridge_from_hf
 from circuit_tests.path_patching import Receivers, path_patch, path_patch_ratio, split_qkv_inputs
 from circuit_tests.tasks.base import TaskData
 
+from .reference import naive_path_patch
+
 L, H, V = 3, 4, 64
 
 
@@ -73,46 +75,6 @@ def build(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0, **extra)
                                              intermediate_size=128, vocab_size=V, max_position_embeddings=64,
                                              rotary_pct=0.5, initializer_range=0.2, **extra))
     return bridge_from_hf(m.to(dtype))
-
-
-def naive_path_patch(bridge, task: TaskData, recv: Receivers, senders, metric: str = "logit_diff"):
-    """The definition, one sender at a time: returns ({sender: m_patched - m_clean}, m_clean, m_corrupt)."""
-    rows = torch.arange(len(task))
-    m = lambda lg: float(metric_values(metric, lg[rows, task.end], task.targets, task.signs).mean())
-    with torch.no_grad():
-        lg_c, cc = bridge.run_with_cache(task.clean, names_filter=lambda n: n.endswith("attn.hook_z"))
-        lg_k, kc = bridge.run_with_cache(task.corrupted, names_filter=lambda n: n.endswith("attn.hook_z"))
-        m_clean, m_corr = m(lg_c), m(lg_k)
-        names = ([f"blocks.{L - 1}.hook_resid_post"] if recv.kind == "logits"
-                 else sorted({f"blocks.{l}.hook_{c}_input" for l, _, c in recv.heads}))
-        out = {}
-        with split_qkv_inputs(bridge, recv.kind == "heads"):
-            for ls, hs in senders:
-                def freeze(z, hook, l):
-                    z = cc[f"blocks.{l}.attn.hook_z"].clone()
-                    if l == ls:
-                        z[:, :, hs] = kc[f"blocks.{l}.attn.hook_z"][:, :, hs]
-                    return z
-
-                rec = {}
-                hooks = [(f"blocks.{l}.attn.hook_z", lambda z, hook, l=l: freeze(z, hook, l)) for l in range(L)]
-                hooks += [(n, lambda x, hook, n=n: rec.__setitem__(n, x.clone())) for n in names]
-                bridge.run_with_hooks(task.clean, fwd_hooks=hooks)
-
-                def patch(x, hook, n):
-                    if recv.kind == "logits":
-                        return rec[n]
-                    x = x.clone()
-                    l, c = int(n.split(".")[1]), n.split("hook_")[1][0]
-                    for lr, hr, cr in recv.heads:
-                        if (lr, cr) == (l, c):
-                            x[:, :, hr] = rec[n][:, :, hr]
-                    return x
-
-                lg = bridge.run_with_hooks(task.clean, fwd_hooks=[(n, lambda x, hook, n=n: patch(x, hook, n))
-                                                                  for n in names])
-                out[(ls, hs)] = m(lg) - m_clean
-    return out, m_clean, m_corr
 
 
 @pytest.fixture(scope="module")
