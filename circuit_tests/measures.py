@@ -110,13 +110,19 @@ def compute_role_scores(bridge: Any, task: Any, claim: Any, roles: dict[str, lis
     if name == "successor":
         return scores.successor(bridge)
     if name == "s_inhibition":
-        return scores.s_inhibition(bridge, task, roles["name_mover"])
+        # only the claimed heads are candidates: each candidate costs one path-patching sender
+        return scores.s_inhibition(bridge, task, roles["name_mover"], candidates=claimed_heads(claim, roles))
     raise ValueError(f"unknown role score {name!r}")  # the spec schema admits only known scores
+
+
+def claimed_heads(claim: Any, roles: dict[str, list[str]]) -> list[str]:
+    """The heads a role-score claim scores: its ``heads`` or else every head of its role."""
+    return list(claim.heads if claim.heads is not None else roles[claim.role])
 
 
 def role_score(head_scores: Any, claim: Any, roles: dict[str, list[str]]) -> Measurement:
     """all / any / at least k of the role's heads reach ``min``; value = min / max / k-th largest score."""
-    heads = list(claim.heads if claim.heads is not None else roles[claim.role])
+    heads = claimed_heads(claim, roles)
     numbers: dict[str, Any] = {"score": claim.score_name, "unit": head_scores.unit, "quantifier": claim.quantifier,
                                "details": {k: v for k, v in head_scores.details.items() if isinstance(v, (int, float, str, bool))}}
     if head_scores.not_evaluated:

@@ -1,6 +1,7 @@
 """specs/real/: papers' circuits on hub models. No weights can be downloaded here, so the loading path, the
-graph and the head names are proven on a random-init GPT-2 small built from its real config and placed in a
-local HF-cache layout; offline and uncached, every item is not_evaluated quickly with the fetch command."""
+graph and the head names are proven on random-init GPT-2 small / Pythia-160m models built from their real
+configs and placed in a local HF-cache layout; offline and uncached, every item is not_evaluated quickly with
+the fetch command."""
 
 from __future__ import annotations
 
@@ -18,29 +19,55 @@ import circuit_tests.sources  # noqa: F401
 import circuit_tests.tasks  # noqa: F401
 import transformer_lens.model_bridge  # noqa: F401
 
-SPEC = Path(__file__).resolve().parents[1] / "specs" / "real" / "ioi-gpt2-small.circuit.yaml"
+REAL = Path(__file__).resolve().parents[1] / "specs" / "real"
+SPEC = REAL / "ioi-gpt2-small.circuit.yaml"
+PYTHIA_SPEC = REAL / "ioi-pythia-160m.circuit.yaml"
+
+
+def _install(home: Path, repo_id: str, revision: str, build) -> None:
+    """$HF_HOME/hub/models--<repo> with refs/<revision> -> a snapshot holding ``build()`` (random init, seed 0)
+    and the zoo IOI word-level tokenizer (every IOI word is one token)."""
+    import gc
+    import hashlib
+
+    import torch
+
+    from circuit_tests.models import load_tokenizer
+    from circuit_tests.zoo import checkpoint_dirs
+
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"random-init {repo_id}@{revision}".encode()).hexdigest()
+    snap = repo / "snapshots" / commit
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / revision).write_text(commit)
+    torch.manual_seed(0)
+    model = build()
+    model.save_pretrained(snap)
+    del model
+    gc.collect()
+    load_tokenizer(checkpoint_dirs("ioi")[-1][1]).save_pretrained(snap)
 
 
 @pytest.fixture(scope="module")
 def fake_hf_home(tmp_path_factory):
-    """$HF_HOME/hub/models--gpt2 with refs/main -> a snapshot holding random-init GPT-2 small + a tokenizer."""
-    import hashlib
-
-    import torch
+    """gpt2@main: random-init GPT-2 small (its real config)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from circuit_tests.zoo import checkpoint_dirs
-    from circuit_tests.models import load_tokenizer
-
     home = tmp_path_factory.mktemp("hf_home")
-    repo = home / "hub" / "models--gpt2"
-    commit = hashlib.sha1(b"random-init").hexdigest()
-    snap = repo / "snapshots" / commit
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(snap)
-    load_tokenizer(checkpoint_dirs("ioi")[-1][1]).save_pretrained(snap)  # word-level: has IOI words as tokens
+    _install(home, "gpt2", "main", lambda: GPT2LMHeadModel(GPT2Config()))
+    return home
+
+
+@pytest.fixture(scope="module")
+def fake_pythia_home(tmp_path_factory):
+    """EleutherAI/pythia-160m@step143000: random-init, Pythia-160m's real config (config.json on the hub)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    home = tmp_path_factory.mktemp("hf_home_pythia")
+    _install(home, "EleutherAI/pythia-160m", "step143000", lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=50304,
+        rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048, use_parallel_residual=True,
+        tie_word_embeddings=False, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)))
     return home
 
 
@@ -66,12 +93,33 @@ def test_gpt2_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, fake_hf_home, 
     assert set(per_head) == {"a9.h6", "a9.h9", "a10.h0"} and recs["name_movers_copy"]["outcome"] == "fail"
 
 
-def test_uncached_is_not_evaluated_quickly(pytester, monkeypatch, tmp_path):
+def test_pythia_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, fake_pythia_home, tmp_path):
+    _env(monkeypatch, fake_pythia_home)
+    spec = pytester.makefile(".circuit.yaml", ioi_pythia=PYTHIA_SPEC.read_text().replace("size: 64", "size: 8"))
+    out = tmp_path / "r.json"
+    r = pytester.runpytest_inprocess(str(spec), f"--circuit-json={out}", "-p", "no:cacheprovider", "-rs")
+    assert r.ret in (0, 1), r.stdout.str()  # no collection error: every head name fits Pythia-160m's graph
+    recs = {x["claim"]: x for x in json.loads(out.read_text())["records"]}
+    assert set(recs) == {"name_movers_copy", "s_inhibition_three_conditions", "copy_suppression_negative_copy"}
+    assert all(x["checkpoint"] == "step143000" and x["weights_sha256"] for x in recs.values())
+    # each claim scored exactly the heads the spec names (the authors' lists), on Pythia-160m's 12 x 12 grid
+    assert set(recs["name_movers_copy"]["extra"]["per_head"]) == {"a8.h2", "a8.h10"}
+    assert set(recs["s_inhibition_three_conditions"]["extra"]["per_head"]) == {"a6.h6", "a7.h2", "a7.h9"}
+    assert set(recs["copy_suppression_negative_copy"]["extra"]["per_head"]) == {"a8.h9"}
+    # random weights cannot copy names into the top 5 of 50,304 tokens
+    assert recs["name_movers_copy"]["outcome"] == "fail"
+
+
+@pytest.mark.parametrize("spec, n_items, repo, fetch", [
+    (SPEC, 4, "gpt2@main", "download gpt2"),
+    (PYTHIA_SPEC, 3, "EleutherAI/pythia-160m@step143000", "download EleutherAI/pythia-160m --revision step143000"),
+])
+def test_uncached_is_not_evaluated_quickly(pytester, monkeypatch, tmp_path, spec, n_items, repo, fetch):
     _env(monkeypatch, tmp_path / "empty")
     t0 = time.perf_counter()
-    r = pytester.runpytest_inprocess(str(SPEC), "-p", "no:cacheprovider", "-rs")
+    r = pytester.runpytest_inprocess(str(spec), "-p", "no:cacheprovider", "-rs")
     elapsed = time.perf_counter() - t0
-    r.assert_outcomes(skipped=4)
+    r.assert_outcomes(skipped=n_items)
     out = r.stdout.str()
-    assert "gpt2@main is not in the local HF cache" in out and "download gpt2" in out
-    assert elapsed < 20  # collection + 4 skips, no model load, no network retries
+    assert f"{repo} is not in the local HF cache" in out and fetch in out
+    assert elapsed < 20  # collection + skips, no model load, no network retries

@@ -373,6 +373,10 @@ def test_s_inhibition_matches_the_literal_computation():
     full = s_inhibition(bridge, task, nmh)
     assert torch.isnan(full.values[2]).all() and not torch.isnan(full.values[:2]).any()
     assert set(full.values[:2].unique().tolist()) <= {0.0, 1.0}
+    # scoring only some candidates (what a role_score claim does) gives those heads the same values
+    for c in cand:
+        assert full.values[c] == sc.values[c]
+        assert float(full.details["dLD"][c]) == pytest.approx(float(sc.details["dLD"][c]), rel=1e-9, abs=1e-12)
 
 
 def test_swap_io_s1():

@@ -80,6 +80,31 @@ def test_tokenizer_word_level_roundtrip(tmp_path):
         build_word_tokenizer(["w12"])
 
 
+def test_ioi_data_options():
+    """The IOI generator's experimental knobs: S, S, IO sentences answer IO; induction rows repeat a span;
+    at their default (0) they draw nothing, so the shipped recipe's data stream is unchanged."""
+    import torch
+
+    from circuit_tests.zoo import data as D
+    from circuit_tests.zoo.train import RECIPES, build_tokenizer
+
+    tok = build_tokenizer(RECIPES["ioi"])
+    src = D.IOIData(tok)
+    ex = src.example(torch.Generator().manual_seed(3), unique_last=True)
+    names = [ex.ids[p] for p in (ex.pos_s1, ex.pos_s2, ex.pos_io)]
+    assert names == [ex.s, ex.s, ex.io] and ex.pos_s1 < ex.pos_s2 < ex.pos_io and ex.ids[-1] == ex.io
+    words = tok.convert_ids_to_tokens(ex.ids)
+    assert sum(w == tok.convert_ids_to_tokens(ex.s) for w in words) == 2
+    plain = src.batch(torch.Generator().manual_seed(5), 8)[0]
+    zeros = D.IOIData(tok, p_unique_last=0.0, p_induction=0.0).batch(torch.Generator().manual_seed(5), 8)[0]
+    assert torch.equal(plain, zeros)
+    mixed = D.IOIData(tok, p_induction=1.0, induction_len=32, induction_chunk=8)
+    row = mixed.training_row(torch.Generator().manual_seed(0))
+    assert len(row) == 33 and row[0] == tok.bos_token_id and min(row[1:]) >= 4
+    ssio = D.IOIData(tok, p_unique_last=1.0).training_example(torch.Generator().manual_seed(1))
+    assert [ssio.ids[p] for p in (ssio.pos_s1, ssio.pos_s2, ssio.pos_io)] == [ssio.s, ssio.s, ssio.io]
+
+
 # --------------------------------------------------------------------------- task metrics, computed here
 def _ids(tok, text):
     ids = tok(text)["input_ids"]

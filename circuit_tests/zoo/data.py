@@ -135,10 +135,21 @@ class IOIData:
     "the first-clause name that is not repeated". ``p_distractor_first``: fraction of those where the
     distractor comes first ("[C] and [B] gave ..."), so S2 is not at a fixed place in its clause either
     and only duplicate detection identifies S. Held-out prompts never contain the distractor.
+    ``p_unique_last``: fraction of training sentences whose three subject slots read S, S, IO (the
+    answer is then the most recent name), so neither "suppress the most recent name" nor "suppress the
+    second clause" solves the task. ``p_induction``: fraction of training rows that are induction
+    sequences over the whole vocabulary (``InductionData``), so induction heads have a reason to form.
+    Both default to 0 (no random draws, so the shipped ioi recipe is unchanged); what forms with them
+    is recorded in docs/zoo.md.
     """
 
-    def __init__(self, tokenizer, p_distractor: float = 0.0, p_distractor_first: float = 0.0) -> None:
+    def __init__(self, tokenizer, p_distractor: float = 0.0, p_distractor_first: float = 0.0,
+                 p_unique_last: float = 0.0, p_induction: float = 0.0, induction_len: int = 32,
+                 induction_chunk: int = 8) -> None:
         self.tok = tokenizer
+        self.p_unique_last = p_unique_last
+        self.p_induction = p_induction
+        self.induction = InductionData(vocab_size=len(tokenizer), seq_len=induction_len, chunk=induction_chunk)
         self.p_distractor = p_distractor
         self.p_distractor_first = p_distractor_first
         self.and_id = tokenizer.convert_tokens_to_ids("and")
@@ -159,10 +170,11 @@ class IOIData:
 
     def example(self, g: torch.Generator, template: int | None = None, names: tuple[int, int] | None = None,
                 s2: int | None = None, place: int | None = None, obj: int | None = None,
-                distractor: int | None = None, distractor_first: bool = False) -> IOIExample:
+                distractor: int | None = None, distractor_first: bool = False, unique_last: bool = False) -> IOIExample:
         """One sentence; template, ``names = (A, B)`` (IO, S token ids), place and object are drawn
         unless given; ``s2`` overrides the second subject occurrence (corruptions); ``distractor``: a
-        name inserted as "[S2] and [C]" (or "[C] and [S2]" with ``distractor_first``)."""
+        name inserted as "[S2] and [C]" (or "[C] and [S2]" with ``distractor_first``); ``unique_last``:
+        the three subject slots read S, S, IO instead of the template's order (the answer stays IO)."""
         ti = _randint(g, 0, len(self.templates)) if template is None else template
         if names is None:
             ia = _randint(g, 0, len(self.name_ids))
@@ -174,7 +186,16 @@ class IOIData:
         place = self.place_ids[_randint(g, 0, len(self.place_ids))] if place is None else place
         obj = self.object_ids[_randint(g, 0, len(self.object_ids))] if obj is None else obj
         ids, seen_b, pos = [BOS_ID], 0, {}
+        slot = 0
         for t in self._tpl[ti]:
+            if unique_last and t in ("APH", "BPH"):
+                slot += 1
+                if slot <= 3:
+                    key = "A" if slot == 3 else "B"
+                    pos.setdefault(key, []).append(len(ids)); ids.append(a if slot == 3 else b)
+                else:
+                    ids.append(a)
+                continue
             if t == "APH":
                 pos.setdefault("A", []).append(len(ids)); ids.append(a)
             elif t == "BPH":
@@ -195,6 +216,9 @@ class IOIData:
                           pos_io=pos["A"][0], pos_s1=pos["B"][0], pos_s2=pos["B"][1], pos_end=len(ids) - 2, place=place, obj=obj)
 
     def training_example(self, g: torch.Generator) -> IOIExample:
+        if self.p_unique_last and float(torch.rand(1, generator=g)) < self.p_unique_last:
+            ex = self.example(g)
+            return self.example(g, template=ex.template, names=(ex.io, ex.s), place=ex.place, obj=ex.obj, unique_last=True)
         if self.p_distractor and float(torch.rand(1, generator=g)) < self.p_distractor:
             ex = self.example(g)
             others = [t for t in self.name_ids if t not in (ex.io, ex.s)]
@@ -204,8 +228,13 @@ class IOIData:
                                 distractor_first=first)
         return self.example(g)
 
+    def training_row(self, g: torch.Generator) -> list[int]:
+        if self.p_induction and float(torch.rand(1, generator=g)) < self.p_induction:
+            return self.induction.batch(g, 1)[0][0].tolist()
+        return self.training_example(g).ids
+
     def batch(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _pad_rows([self.training_example(g).ids for _ in range(n)])
+        return _pad_rows([self.training_row(g) for _ in range(n)])
 
     def eval_set(self, g: torch.Generator, n: int) -> dict[str, torch.Tensor]:
         """Held-out prompts (without the final IO), plus an ABC corruption of each (three other names,

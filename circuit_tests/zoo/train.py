@@ -153,7 +153,8 @@ def data_source(recipe: Recipe, tok):
     if d["kind"] == "induction":
         return D.InductionData(vocab_size=len(tok), seq_len=d["seq_len"], chunk=d["chunk"], p_copy=d["p_copy"])
     if d["kind"] == "ioi":
-        return D.IOIData(tok, p_distractor=d.get("p_distractor", 0.0), p_distractor_first=d.get("p_distractor_first", 0.0))
+        return D.IOIData(tok, p_distractor=d.get("p_distractor", 0.0), p_distractor_first=d.get("p_distractor_first", 0.0),
+                         p_unique_last=d.get("p_unique_last", 0.0), p_induction=d.get("p_induction", 0.0))
     if d["kind"] == "greater_than":
         return D.GreaterThanData(tok, centuries=tuple(d["centuries"]), yy_range=tuple(d["yy_range"]))
     raise ValueError(d["kind"])
