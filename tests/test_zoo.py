@@ -93,6 +93,7 @@ def test_ioi_data_options():
     ex = src.example(torch.Generator().manual_seed(3), unique_last=True)
     names = [ex.ids[p] for p in (ex.pos_s1, ex.pos_s2, ex.pos_io)]
     assert names == [ex.s, ex.s, ex.io] and ex.pos_s1 < ex.pos_s2 < ex.pos_io and ex.ids[-1] == ex.io
+    assert ex.order == "SSIO"
     words = tok.convert_ids_to_tokens(ex.ids)
     assert sum(w == tok.convert_ids_to_tokens(ex.s) for w in words) == 2
     plain = src.batch(torch.Generator().manual_seed(5), 8)[0]

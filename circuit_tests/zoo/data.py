@@ -114,7 +114,7 @@ class InductionData:
 class IOIExample:
     ids: list[int]           # BOS + full sentence (prompt + final IO name)
     template: int            # index into BABA + ABBA templates
-    order: str               # "BABA" or "ABBA"
+    order: str               # "BABA", "ABBA" or "SSIO" (``unique_last``)
     io: int                  # token ids
     s: int
     pos_io: int              # positions (in ids) of IO, S1, S2 and END (last prompt token)
@@ -212,7 +212,7 @@ class IOIData:
                 ids.append(obj)
             else:
                 ids.append(int(t))
-        return IOIExample(ids=ids, template=ti, order="BABA" if ti < self.n_baba else "ABBA", io=a, s=b,
+        return IOIExample(ids=ids, template=ti, order="SSIO" if unique_last else "BABA" if ti < self.n_baba else "ABBA", io=a, s=b,
                           pos_io=pos["A"][0], pos_s1=pos["B"][0], pos_s2=pos["B"][1], pos_end=len(ids) - 2, place=place, obj=obj)
 
     def training_example(self, g: torch.Generator) -> IOIExample:
