@@ -93,6 +93,13 @@ def _head(name: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+def role_scores_key(claim: Any, roles: dict[str, list[str]]) -> tuple:
+    """Cache key of ``compute_role_scores``: claims that would compute the same ``HeadScores`` share it
+    (s_inhibition depends on the claimed heads, the other scores cover every head)."""
+    heads = tuple(claimed_heads(claim, roles)) if claim.score_name == "s_inhibition" else None
+    return ("role", claim.score_name, claim.n_seq, claim.seq_len, claim.seed, heads)
+
+
 def compute_role_scores(bridge: Any, task: Any, claim: Any, roles: dict[str, list[str]], bos: bool) -> Any:
     """The per-head ``HeadScores`` a role-score claim needs (scores.py holds the definitions)."""
     from . import scores

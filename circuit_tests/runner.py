@@ -138,8 +138,7 @@ def _claim_measurement(run: SpecRun, res: CheckpointResult, claim: Any, rec: Rec
         return measures.faithfulness(res.evaluation, res.task, claim)
     if claim.type == "role_score":
         rec.threshold_min = claim.min
-        key = ("role", claim.score_name, claim.n_seq, claim.seq_len, claim.seed,
-               tuple(measures.claimed_heads(claim, roles)) if claim.score_name == "s_inhibition" else None)
+        key = measures.role_scores_key(claim, roles)
         if key not in res.cache:
             res.cache[key] = measures.compute_role_scores(res.bridge, res.task, claim, roles, res.prepend_bos)
         return measures.role_score(res.cache[key], claim, roles)

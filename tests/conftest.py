@@ -13,14 +13,41 @@ configure()
 def real_config_bridges():
     """Random-init GPT-2 small and Pythia-160m from their real configs (no weights are downloaded)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
     from circuit_tests.models import bridge_from_hf
 
+    from .helpers import gpt2_small, pythia_160m
+
     torch.manual_seed(0)
-    gpt2 = bridge_from_hf(GPT2LMHeadModel(GPT2Config()))
-    pythia = bridge_from_hf(GPTNeoXForCausalLM(GPTNeoXConfig(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=50304,
-        rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048, use_parallel_residual=True,
-        tie_word_embeddings=False)))
+    gpt2 = bridge_from_hf(gpt2_small())
+    pythia = bridge_from_hf(pythia_160m())
     return gpt2, pythia
+
+
+@pytest.fixture(scope="session")
+def real_config_hf_home(tmp_path_factory):
+    """An $HF_HOME whose hub cache serves random-init models from the real configs: gpt2@main and
+    EleutherAI/pythia-160m@step3000 (= @step143000, same snapshot), each built and written once per session,
+    with the zoo IOI word-level tokenizer (every IOI word is one token)."""
+    import gc
+
+    import torch
+
+    from circuit_tests.models import load_tokenizer
+    from circuit_tests.zoo import checkpoint_dirs
+
+    from .helpers import add_hf_ref, gpt2_small, put_in_hf_cache, pythia_160m, save_hf_model
+
+    base = tmp_path_factory.mktemp("real_cfg")
+    tok_dir = base / "tokenizer"
+    load_tokenizer(checkpoint_dirs("ioi")[-1][1]).save_pretrained(str(tok_dir))
+    hub = base / "hf_home" / "hub"
+    for repo_id, revision, build in (("gpt2", "main", gpt2_small), ("EleutherAI/pythia-160m", "step3000", pythia_160m)):
+        torch.manual_seed(0)
+        model = build().eval()
+        staging = save_hf_model(model, base / "staging" / repo_id.replace("/", "--"), tok_dir)
+        del model
+        gc.collect()
+        snap = put_in_hf_cache(hub, repo_id, revision, staging, move=True)
+    add_hf_ref(hub, "EleutherAI/pythia-160m", "step143000", snap)
+    return base / "hf_home"

@@ -1,6 +1,12 @@
-"""Shared test helpers: tiny random models of both block types and hand-made task data."""
+"""Shared test helpers: tiny random models of both block types, hand-made task data, random-init models
+from the real GPT-2 small / Pythia-160m configs, and a fake HF hub cache."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
 
 from circuit_tests.runtime import configure
 
@@ -49,3 +55,49 @@ def random_task(vocab: int = 50, n: int = 6, seq: int = 8, seed: int = 0, ragged
     targets = torch.randint(1, vocab, (n, 2), generator=g)
     signs = torch.tensor([[1.0, -1.0]]).repeat(n, 1)
     return TaskData("random", clean, corr, end, targets, signs, "logit_diff")
+
+
+def gpt2_small():
+    """Random-init GPT-2 small (its real config)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config())
+
+
+def pythia_160m():
+    """Random-init Pythia-160m (the hub's config.json values)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=50304,
+        rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048, use_parallel_residual=True,
+        tie_word_embeddings=False, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0))
+
+
+def save_hf_model(model, d: Path, tok_dir: Path) -> Path:
+    """save_pretrained (before any wrapping, sharp edge #8) plus the tokenizer files next to it (#6)."""
+    model.save_pretrained(str(d))
+    for f in tok_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def put_in_hf_cache(cache: Path, repo_id: str, revision: str, src: Path, *, move: bool = False) -> Path:
+    """Install the files of ``src`` as ``repo_id@revision`` in an HF hub cache; returns the snapshot dir."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for f in sorted(src.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f"{commit}/{f.name}".encode()).hexdigest()
+        (shutil.move if move else shutil.copy)(str(f), str(blob))
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs" / revision).write_text(commit)
+    return snap
+
+
+def add_hf_ref(cache: Path, repo_id: str, revision: str, snap: Path) -> None:
+    """Point another revision of ``repo_id`` at an installed snapshot (hub revisions may share a commit)."""
+    (cache / ("models--" + repo_id.replace("/", "--")) / "refs" / revision).write_text(snap.name)

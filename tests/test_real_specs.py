@@ -24,65 +24,23 @@ SPEC = REAL / "ioi-gpt2-small.circuit.yaml"
 PYTHIA_SPEC = REAL / "ioi-pythia-160m.circuit.yaml"
 
 
-def _install(home: Path, repo_id: str, revision: str, build) -> None:
-    """$HF_HOME/hub/models--<repo> with refs/<revision> -> a snapshot holding ``build()`` (random init, seed 0)
-    and the zoo IOI word-level tokenizer (every IOI word is one token)."""
-    import gc
-    import hashlib
-
-    import torch
-
-    from circuit_tests.models import load_tokenizer
-    from circuit_tests.zoo import checkpoint_dirs
-
-    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(f"random-init {repo_id}@{revision}".encode()).hexdigest()
-    snap = repo / "snapshots" / commit
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / revision).write_text(commit)
-    torch.manual_seed(0)
-    model = build()
-    model.save_pretrained(snap)
-    del model
-    gc.collect()
-    load_tokenizer(checkpoint_dirs("ioi")[-1][1]).save_pretrained(snap)
-
-
-@pytest.fixture(scope="module")
-def fake_hf_home(tmp_path_factory):
-    """gpt2@main: random-init GPT-2 small (its real config)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    home = tmp_path_factory.mktemp("hf_home")
-    _install(home, "gpt2", "main", lambda: GPT2LMHeadModel(GPT2Config()))
-    return home
-
-
-@pytest.fixture(scope="module")
-def fake_pythia_home(tmp_path_factory):
-    """EleutherAI/pythia-160m@step143000: random-init, Pythia-160m's real config (config.json on the hub)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    home = tmp_path_factory.mktemp("hf_home_pythia")
-    _install(home, "EleutherAI/pythia-160m", "step143000", lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=50304,
-        rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048, use_parallel_residual=True,
-        tie_word_embeddings=False, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)))
-    return home
-
-
 def _env(monkeypatch, home):
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_CACHE", str(Path(home) / "hub"))
 
 
-def test_gpt2_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, fake_hf_home, tmp_path):
-    _env(monkeypatch, fake_hf_home)
-    spec = pytester.makefile(".circuit.yaml", ioi_gpt2=SPEC.read_text().replace("size: 64", "size: 8"))
-    out = tmp_path / "r.json"
-    r = pytester.runpytest_inprocess(str(spec), f"--circuit-json={out}", "-p", "no:cacheprovider", "-rs")
-    assert r.ret in (0, 1), r.stdout.str()  # no collection error: every head name fits GPT-2 small's graph
-    recs = {x["claim"]: x for x in json.loads(out.read_text())["records"]}
+def _records(pytester, spec: Path, out: Path) -> dict:
+    """Run ``spec`` (shrunk to 8 examples) in-process; its records by claim id. A collection error (a head
+    name outside the model's graph) fails here."""
+    small = pytester.makefile(".circuit.yaml", **{spec.name.split(".")[0]: spec.read_text().replace("size: 64", "size: 8")})
+    r = pytester.runpytest_inprocess(str(small), f"--circuit-json={out}", "-p", "no:cacheprovider", "-rs")
+    assert r.ret in (0, 1), r.stdout.str()
+    return {x["claim"]: x for x in json.loads(out.read_text())["records"]}
+
+
+def test_gpt2_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_hf_home, tmp_path):
+    _env(monkeypatch, real_config_hf_home)
+    recs = _records(pytester, SPEC, tmp_path / "r.json")  # every head name fits GPT-2 small's graph
     assert set(recs) == {"faithfulness", "name_movers_copy", "negative_name_movers_suppress", "s_inhibition_to_name_mover_queries"}
     assert all(x["checkpoint"] == "main" and x["weights_sha256"] for x in recs.values())
     # a random-init model cannot do IOI: faithfulness and path ratios are not evaluated, never passed
@@ -93,13 +51,9 @@ def test_gpt2_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, fake_hf_home, 
     assert set(per_head) == {"a9.h6", "a9.h9", "a10.h0"} and recs["name_movers_copy"]["outcome"] == "fail"
 
 
-def test_pythia_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, fake_pythia_home, tmp_path):
-    _env(monkeypatch, fake_pythia_home)
-    spec = pytester.makefile(".circuit.yaml", ioi_pythia=PYTHIA_SPEC.read_text().replace("size: 64", "size: 8"))
-    out = tmp_path / "r.json"
-    r = pytester.runpytest_inprocess(str(spec), f"--circuit-json={out}", "-p", "no:cacheprovider", "-rs")
-    assert r.ret in (0, 1), r.stdout.str()  # no collection error: every head name fits Pythia-160m's graph
-    recs = {x["claim"]: x for x in json.loads(out.read_text())["records"]}
+def test_pythia_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_hf_home, tmp_path):
+    _env(monkeypatch, real_config_hf_home)
+    recs = _records(pytester, PYTHIA_SPEC, tmp_path / "r.json")  # every head name fits Pythia-160m's graph
     assert set(recs) == {"name_movers_copy", "s_inhibition_three_conditions", "copy_suppression_negative_copy"}
     assert all(x["checkpoint"] == "step143000" and x["weights_sha256"] for x in recs.values())
     # each claim scored exactly the heads the spec names (the authors' lists), on Pythia-160m's 12 x 12 grid

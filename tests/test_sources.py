@@ -6,7 +6,6 @@ snapshots/<commit>/<file> -> ../../blobs/<id>), so nothing here needs the networ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ import circuit_tests
 from circuit_tests import sources
 from circuit_tests.errors import ModelLoadError
 from circuit_tests.sources import CheckpointRef, format_steps, resolve_checkpoints, select_steps
+
+from .helpers import put_in_hf_cache, save_hf_model
 
 REPO_ROOT = Path(circuit_tests.__file__).resolve().parent.parent
 PYTHIA = "EleutherAI/pythia-160m"
@@ -45,14 +46,6 @@ def word_tokenizer_dir(d: Path) -> Path:
     return d
 
 
-def save_hf_model(model, d: Path, tok_dir: Path) -> Path:
-    """save_pretrained (before any wrapping, sharp edge #8) plus the tokenizer files next to it (#6)."""
-    model.save_pretrained(str(d))
-    for f in tok_dir.iterdir():
-        shutil.copy(f, d / f.name)
-    return d
-
-
 def tiny_neox(seed: int = 0, vocab_size: int = 17):
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -62,22 +55,6 @@ def tiny_neox(seed: int = 0, vocab_size: int = 17):
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)  # Pythia-shaped
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(cfg).eval()
-
-
-def put_in_hf_cache(cache: Path, repo_id: str, revision: str, src: Path, *, move: bool = False) -> Path:
-    """Install the files of ``src`` as ``repo_id@revision`` in an HF hub cache; returns the snapshot dir."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    (repo / "refs").mkdir(exist_ok=True)
-    for f in sorted(src.iterdir()):
-        blob = repo / "blobs" / hashlib.sha256(f"{commit}/{f.name}".encode()).hexdigest()
-        (shutil.move if move else shutil.copy)(str(f), str(blob))
-        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
-    (repo / "refs" / revision).write_text(commit)
-    return snap
 
 
 def fake_model_dir(d: Path, *, config: bool = True, weights: bool = True, tokenizer: bool = True) -> Path:
@@ -490,46 +467,19 @@ def test_shipped_zoo_unknown_name_lists_known(tmp_path):
 # random-init models from the REAL configs (GPT-2 small, Pythia-160m), served from a fake HF cache
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def real_config_cache(tmp_path_factory, tok_dir):
-    """GPT-2 small as gpt2@main and Pythia-160m as EleutherAI/pythia-160m@step3000, each built once (fp32)."""
-    import gc
-
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
-
-    base = tmp_path_factory.mktemp("real_cfg")
-    home = base / "hf_home"
-    builders = {
-        ("gpt2", "main"): lambda: GPT2LMHeadModel(GPT2Config()),
-        (PYTHIA, "step3000"): lambda: GPTNeoXForCausalLM(GPTNeoXConfig(
-            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-            vocab_size=50304, rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048,
-            use_parallel_residual=True, tie_word_embeddings=False)),
-    }
-    for (repo_id, rev), build in builders.items():
-        torch.manual_seed(0)
-        model = build().eval()
-        staging = save_hf_model(model, base / "staging" / repo_id.replace("/", "--"), tok_dir)
-        del model
-        gc.collect()
-        put_in_hf_cache(home / "hub", repo_id, rev, staging, move=True)
-    return home
-
-
 @pytest.mark.parametrize("source, revision, label, parallel, d_vocab", [
     ("gpt2", None, "main", False, 50257),
     (PYTHIA, "step3000", "step3000", True, 50304),
 ])
-def test_real_configs_load_through_checkpoint_ref(real_config_cache, monkeypatch, tmp_path,
+def test_real_configs_load_through_checkpoint_ref(real_config_hf_home, monkeypatch, tmp_path,
                                                   source, revision, label, parallel, d_vocab):
     import huggingface_hub.constants as hc
 
-    monkeypatch.setenv("HF_HOME", str(real_config_cache))
+    monkeypatch.setenv("HF_HOME", str(real_config_hf_home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(real_config_cache / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(real_config_hf_home / "hub"))
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     (ref,) = resolve_checkpoints(source, revision, None, tmp_path)
     assert ref.label == label and ref.unavailable_reason() is None
