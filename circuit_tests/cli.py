@@ -28,11 +28,17 @@ def _zoo_train(args: argparse.Namespace) -> int:
     from .runtime import configure
 
     configure()
-    from .zoo import train_model
+    from .zoo import list_models, load_manifest, train_model
 
     out = train_model(args.name, Path(args.out) if args.out else None)
     print(f"trained {args.name} into {out}")
-    return 0
+    if args.name not in list_models():
+        return 0
+    from .zoo.reproduce import compare
+
+    rep = compare(load_manifest(args.name), json.loads((out / "manifest.json").read_text()))
+    print(rep.text())
+    return 0 if rep.reproduced else 1
 
 
 def _scores(args: argparse.Namespace) -> int:
@@ -80,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zl = zsub.add_parser("list", help="list zoo models, their checkpoints and formation steps")
     zl.set_defaults(fn=_zoo_list)
-    zt = zsub.add_parser("train", help="re-train a zoo model deterministically (1 thread) into a directory")
+    zt = zsub.add_parser("train", help="re-train a zoo model deterministically (1 thread) into a directory and "
+                         "compare it with the shipped one (exit 1 if it does not reproduce)")
     zt.add_argument("name")
     zt.add_argument("--out", help="output directory (default: a new temporary directory)")
     zt.set_defaults(fn=_zoo_train)

@@ -1,6 +1,6 @@
 """The shipped model zoo: manifests match the files, checkpoints load through the bridge, the trained
-models do their task (measured here independently of the zoo's own analysis code), and retraining is
-bit-identical (slow, opt-in)."""
+models do their task (measured here independently of the zoo's own analysis code), and retraining
+reproduces them (slow, opt-in: bit for bit in the shipped build's environment)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,46 @@ def test_ioi_data_options():
     assert len(row) == 33 and row[0] == tok.bos_token_id and min(row[1:]) >= 4
     ssio = D.IOIData(tok, p_unique_last=1.0).training_example(torch.Generator().manual_seed(1))
     assert [ssio.ids[p] for p in (ssio.pos_s1, ssio.pos_s2, ssio.pos_io)] == [ssio.s, ssio.s, ssio.io]
+    # K-name sentences: the answer is the only first-clause name the second clause does not repeat
+    multi = D.IOIData(tok, p_multi=1.0, multi_max=4, p_multi_new=0.5)
+    name_ids = set(multi.name_ids)
+    comma = tok.convert_tokens_to_ids(",")
+    g = torch.Generator().manual_seed(2)
+    sizes, with_new = set(), 0
+    for _ in range(40):
+        row = multi.training_row(g)
+        mentions = [(i, t) for i, t in enumerate(row) if t in name_ids]
+        answer = row[-1]
+        assert answer in name_ids and [t for _, t in mentions].count(answer) == 2      # first clause + answer
+        first_io = next(i for i, t in mentions if t == answer)
+        # the first clause is the run of names (joined by "," / "and") that holds IO's first mention
+        run, i = [answer], first_io
+        while i + 2 < len(row) and row[i + 1] in (comma, multi.and_id) and row[i + 2] in name_ids:
+            run.append(row[i + 2]); i += 2
+        i = first_io
+        while i - 2 >= 0 and row[i - 1] in (comma, multi.and_id) and row[i - 2] in name_ids:
+            run.insert(0, row[i - 2]); i -= 2
+        counts = {t: [m for _, m in mentions].count(t) for t in run}
+        assert 3 <= len(run) <= 4 and len(set(run)) == len(run)
+        assert all(counts[t] == 2 for t in run), counts       # each subject repeated once, IO answered once
+        others = [t for _, t in mentions if t not in run]
+        assert len(others) <= 1                                # at most one new second-clause name
+        sizes.add(len(run)); with_new += len(others)
+    assert sizes == {3, 4} and 0 < with_new < 40
+    assert torch.equal(D.IOIData(tok, p_multi=0.0).batch(torch.Generator().manual_seed(5), 8)[0], plain)
+    # crowd rows: a plain IOI sentence with a sentence of 2..3 other names spliced in before it or before S2
+    for pair in (False, True):
+        crowd = D.IOIData(tok, p_crowd=1.0, crowd_max=3, crowd_pair=pair)
+        g = torch.Generator().manual_seed(4)
+        for _ in range(20):
+            row = crowd.training_row(g)
+            names = [t for t in row if t in name_ids]
+            io = row[-1]
+            s = next(t for t in names if names.count(t) == 2 and t != io)
+            extra = [t for t in names if t not in (io, s)]
+            assert names.count(io) == 2 and names.count(s) == 2 and len(set(extra)) == len(extra)
+            assert (len(extra) == 2) if pair else (2 <= len(extra) <= 3)
+    assert torch.equal(D.IOIData(tok, p_crowd=0.0).batch(torch.Generator().manual_seed(5), 8)[0], plain)
 
 
 # --------------------------------------------------------------------------- task metrics, computed here
@@ -184,9 +224,92 @@ def test_final_checkpoint_beats_step0(name):
 
 
 @pytest.mark.slow
-def test_retrain_induction_bit_identical(tmp_path):
-    """Same recipe, seed and thread count => every checkpoint's weights hash equals the manifest's."""
+def test_retrain_induction_reproduces(tmp_path):
+    """Re-training matches the manifest: bit for bit in the shipped build's environment (versions and CPU
+    kernels), otherwise the same formation step and role heads with the task metric within tolerance."""
+    from circuit_tests.zoo.reproduce import compare
+
     out = zoo.train_model("induction", tmp_path)
-    shipped = {c["step"]: c["sha256"] for c in zoo.load_manifest("induction")["checkpoints"]}
-    new = {c["step"]: c["sha256"] for c in json.loads((out / "manifest.json").read_text())["checkpoints"]}
-    assert new == shipped
+    rep = compare(zoo.load_manifest("induction"), json.loads((out / "manifest.json").read_text()))
+    if rep.same_environment:
+        assert rep.bit_identical, rep.text()
+    assert rep.reproduced, rep.text()
+
+
+def _manifest(**over):
+    m = {"name": "toy", "task_metric": {"key": "score"}, "formation_step": 200,
+         "versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0", "machine": "x86_64", "cpu_capability": "AVX2"},
+         "analysis": {"roles": {"induction": {"heads": [{"head": "a1.h2"}, {"head": "a1.h0"}]}}},
+         "checkpoints": [{"step": s, "sha256": f"h{s}", "metrics": {"score": v}}
+                         for s, v in ((0, 0.03), (100, 0.05), (200, 0.60), (300, 0.80))]}
+    m.update(over)
+    return m
+
+
+def test_reproduction_verdicts():
+    """compare(): which re-trains count as reproduced, against hand-made manifests."""
+    import copy
+
+    from circuit_tests.zoo.reproduce import compare
+
+    shipped = _manifest()
+    same = compare(shipped, copy.deepcopy(shipped))
+    assert same.bit_identical and same.reproduced and same.same_environment and "bit-identical" in same.text()
+
+    def retrained(env=None, scores=(0.03, 0.05, 0.62, 0.77), **over):
+        m = _manifest(**over)
+        for c, v in zip(m["checkpoints"], scores):
+            c["sha256"], c["metrics"]["score"] = "x" + c["sha256"], v
+        if env:
+            m["versions"] = {**m["versions"], **env}
+        return m
+
+    other_cpu = compare(shipped, retrained(env={"cpu_capability": "AVX512"}))
+    assert not other_cpu.bit_identical and other_cpu.reproduced and other_cpu.same_environment is False
+    assert other_cpu.environment_diffs == {"cpu_capability": ("AVX2", "AVX512")}
+    assert "AVX512" in other_cpu.text() and "within tolerance" in other_cpu.text()
+    # same environment but different weights: non-determinism, never "reproduced"
+    nondet = compare(shipped, retrained())
+    assert not nondet.reproduced and "not deterministic" in nondet.problems[0]
+    # an old manifest without cpu_capability: environment unknown, judged on metrics
+    old = _manifest(versions={"torch": "2.13.0+cpu", "transformers": "5.23.0", "machine": "x86_64"})
+    assert compare(old, retrained(env={"cpu_capability": "AVX512"})).same_environment is None
+    assert compare(old, retrained(env={"cpu_capability": "AVX512"})).reproduced
+    drift = compare(old, retrained(env={"cpu_capability": "AVX512"}, scores=(0.03, 0.05, 0.62, 0.65)))
+    assert not drift.reproduced and any("step 300" in p for p in drift.problems)
+    late = compare(old, retrained(env={"cpu_capability": "AVX512"}, formation_step=300))
+    assert not late.reproduced and any("formation step 200" in p for p in late.problems)
+    moved = retrained(env={"cpu_capability": "AVX512"})
+    moved["analysis"]["roles"]["induction"]["heads"] = [{"head": "a1.h3"}, {"head": "a1.h0"}]
+    rep = compare(old, moved)
+    assert not rep.reproduced and any("role induction" in p for p in rep.problems) and "NOT reproduced" in rep.text()
+    fewer = retrained(env={"cpu_capability": "AVX512"})
+    fewer["checkpoints"] = fewer["checkpoints"][:3]
+    assert any("step 300 only in the shipped" in p for p in compare(old, fewer).problems)
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.3])
+def test_cli_zoo_train_reports_reproduction(tmp_path, monkeypatch, capsys, drift):
+    """`circuit-tests zoo train NAME` compares the re-train with the shipped manifest; exit 1 if not reproduced.
+    (Training itself is replaced by a copy of the shipped manifest, shifted by ``drift``.)"""
+    from circuit_tests import cli
+
+    def fake_train(name, out):
+        m = zoo.load_manifest(name)
+        if drift:
+            m["versions"]["cpu_capability"] = "SOMETHING-ELSE"
+            for c in m["checkpoints"][1:]:
+                c["sha256"] = "0" * 64
+                c["metrics"][m["task_metric"]["key"]] += drift
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps(m))
+        return d
+
+    monkeypatch.setattr(zoo, "train_model", fake_train)
+    rc = cli.main(["zoo", "train", "induction", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    if drift:
+        assert rc == 1 and "NOT reproduced" in out and "induction_score at step 3000" in out
+    else:
+        assert rc == 0 and "bit-identical to the shipped checkpoints" in out

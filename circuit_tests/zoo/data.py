@@ -139,14 +139,26 @@ class IOIData:
     answer is then the most recent name), so neither "suppress the most recent name" nor "suppress the
     second clause" solves the task. ``p_induction``: fraction of training rows that are induction
     sequences over the whole vocabulary (``InductionData``), so induction heads have a reason to form.
-    Both default to 0 (no random draws, so the shipped ioi recipe is unchanged); what forms with them
+    ``p_multi``: fraction of training rows with K = 3..``multi_max`` first-clause names whose second
+    clause repeats all but IO (``multi_example``; ``p_multi_new`` adds an unrepeated name there).
+    ``p_crowd``: fraction of training rows with a second sentence of other names (``crowd_row``).
+    All default to 0 (no random draws, so the shipped ioi recipe is unchanged); what forms with them
     is recorded in docs/zoo.md.
     """
 
     def __init__(self, tokenizer, p_distractor: float = 0.0, p_distractor_first: float = 0.0,
                  p_unique_last: float = 0.0, p_induction: float = 0.0, induction_len: int = 32,
-                 induction_chunk: int = 8) -> None:
+                 induction_chunk: int = 8, p_multi: float = 0.0, multi_max: int = 4, p_multi_new: float = 0.0,
+                 p_crowd: float = 0.0, crowd_max: int = 3, p_crowd_late: float = 0.5, crowd_pair: bool = False) -> None:
         self.tok = tokenizer
+        self.p_crowd, self.crowd_max, self.p_crowd_late = p_crowd, crowd_max, p_crowd_late
+        self._crowd_tail = [tokenizer.convert_tokens_to_ids(w) for w in ("were", "at", "the")]
+        self.crowd_pair = crowd_pair
+        self._pair_head = [tokenizer.convert_tokens_to_ids(w) for w in ("Then", ",")]
+        self._pair_tail = [tokenizer.convert_tokens_to_ids(w) for w in ("went", "to", "the")]
+        self.period_id = tokenizer.convert_tokens_to_ids(".")
+        self.p_multi, self.multi_max, self.p_multi_new = p_multi, multi_max, p_multi_new
+        self.comma_id = tokenizer.convert_tokens_to_ids(",")
         self.p_unique_last = p_unique_last
         self.p_induction = p_induction
         self.induction = InductionData(vocab_size=len(tokenizer), seq_len=induction_len, chunk=induction_chunk)
@@ -215,6 +227,65 @@ class IOIData:
         return IOIExample(ids=ids, template=ti, order="SSIO" if unique_last else "BABA" if ti < self.n_baba else "ABBA", io=a, s=b,
                           pos_io=pos["A"][0], pos_s1=pos["B"][0], pos_s2=pos["B"][1], pos_end=len(ids) - 2, place=place, obj=obj)
 
+    def _name_list(self, names: list[int]) -> list[int]:
+        """"n1 , n2 and n3" as token ids."""
+        out: list[int] = []
+        for i, n in enumerate(names):
+            if i:
+                out.append(self.and_id if i == len(names) - 1 else self.comma_id)
+            out.append(n)
+        return out
+
+    def multi_example(self, g: torch.Generator) -> list[int]:
+        """A template sentence with K = 3..``multi_max`` first-clause names (IO and K-1 subjects, random
+        order); the second clause names the K-1 subjects again (random order, with probability
+        ``p_multi_new`` plus one name not seen before); the answer is IO, the only first-clause name
+        not repeated."""
+        k = _randint(g, 3, self.multi_max + 1)
+        perm = torch.randperm(len(self.name_ids), generator=g).tolist()
+        chosen = [self.name_ids[i] for i in perm[: k + 1]]
+        io, subjects, new = chosen[0], chosen[1:k], chosen[k]
+        first = [chosen[i] for i in torch.randperm(k, generator=g).tolist()]
+        second = [subjects[i] for i in torch.randperm(k - 1, generator=g).tolist()]
+        if self.p_multi_new and float(torch.rand(1, generator=g)) < self.p_multi_new:
+            second.insert(_randint(g, 0, len(second) + 1), new)
+        ti = _randint(g, 0, len(self.templates))
+        place = self.place_ids[_randint(g, 0, len(self.place_ids))]
+        obj = self.object_ids[_randint(g, 0, len(self.object_ids))]
+        ids, slot, skip_and = [BOS_ID], 0, False
+        for t in self._tpl[ti]:
+            if t in ("APH", "BPH"):
+                slot += 1
+                if slot == 1:
+                    ids += self._name_list(first); skip_and = True
+                elif slot == 3:
+                    ids += self._name_list(second)
+                elif slot == 4:
+                    ids.append(io)
+                continue
+            if skip_and:            # the "and" between the template's two first-clause names
+                skip_and = False
+                continue
+            ids.append(place if t == "PLACEPH" else obj if t == "OBJECTPH" else int(t))
+        return ids
+
+    def crowd_row(self, g: torch.Generator) -> list[int]:
+        """A plain IOI sentence plus a crowd sentence "X , Y and Z were at the PLACE ." of 2..``crowd_max``
+        other names, at the start or (with probability ``p_crowd_late``) just before S2. Copying every name
+        in context and suppressing S then leaves the crowd tied with IO: only a name mover that picks the
+        name paired with S in the first clause solves it."""
+        ex = self.example(g)
+        k = 2 if self.crowd_pair else _randint(g, 2, self.crowd_max + 1)
+        others = [t for t in self.name_ids if t not in (ex.io, ex.s)]
+        crowd = [others[i] for i in torch.randperm(len(others), generator=g)[:k].tolist()]
+        place = self.place_ids[_randint(g, 0, len(self.place_ids))]
+        if self.crowd_pair:
+            sent = self._pair_head + self._name_list(crowd) + self._pair_tail + [place, self.period_id]
+        else:
+            sent = self._name_list(crowd) + self._crowd_tail + [place, self.period_id]
+        at = ex.pos_s2 if float(torch.rand(1, generator=g)) < self.p_crowd_late else 1
+        return ex.ids[:at] + sent + ex.ids[at:]
+
     def training_example(self, g: torch.Generator) -> IOIExample:
         if self.p_unique_last and float(torch.rand(1, generator=g)) < self.p_unique_last:
             ex = self.example(g)
@@ -231,6 +302,10 @@ class IOIData:
     def training_row(self, g: torch.Generator) -> list[int]:
         if self.p_induction and float(torch.rand(1, generator=g)) < self.p_induction:
             return self.induction.batch(g, 1)[0][0].tolist()
+        if self.p_multi and float(torch.rand(1, generator=g)) < self.p_multi:
+            return self.multi_example(g)
+        if self.p_crowd and float(torch.rand(1, generator=g)) < self.p_crowd:
+            return self.crowd_row(g)
         return self.training_example(g).ids
 
     def batch(self, g: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
