@@ -397,9 +397,11 @@ def build(name: str, root: Path, *, log: bool = True) -> Path:
 def reanalyze(name: str, model_dir: Path, *, log: bool = True) -> Path:
     """Re-measure the checkpoints already in ``model_dir`` (no training) and rewrite its manifest,
     keeping the recorded training time/loss; for changes to the analysis code only."""
-    old = json.loads((Path(model_dir) / "manifest.json").read_text())["training"]
-    write_manifest(name, Path(model_dir), {"train_seconds": old["train_seconds"], "final_train_loss": old["final_train_loss"]},
-                   log=log)
+    old = json.loads((Path(model_dir) / "manifest.json").read_text())
+    # the weights were trained elsewhere: keep that environment, not this machine's
+    write_manifest(name, Path(model_dir), {"train_seconds": old["training"]["train_seconds"],
+                                           "final_train_loss": old["training"]["final_train_loss"],
+                                           "versions": old["versions"]}, log=log)
     return Path(model_dir)
 
 
@@ -457,7 +459,7 @@ def write_manifest(name: str, tmp: Path, info: dict[str, Any], *, log: bool = Tr
                      "final_train_loss": round(info["final_train_loss"], 4)},
         "seed": recipe.seed,
         "threads": THREADS,
-        "versions": _versions(),
+        "versions": info.get("versions") or _versions(),   # of the training run
         "task_metric": {"key": key, "description": recipe.task_metric},
         "eval": {"doc": ev["doc"], "seed_offset": EVAL_SEED_OFFSET},
         "steps": steps,
