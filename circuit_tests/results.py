@@ -66,7 +66,10 @@ class Record:
 
 
 def write_json(records: list[Record], path: str | Path) -> None:
-    """Write every record with a schema version, sorted for stable diffs."""
+    """Write every record with a schema version and the environment (versions, CPU kernels, threads: what
+    bit-for-bit agreement with another run depends on), sorted for stable diffs."""
+    from .runtime import environment
+
     recs = sorted(records, key=lambda r: (r.spec_file, r.step if r.step is not None else -1, r.checkpoint, r.claim))
-    Path(path).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "records": [asdict(r) for r in recs]}, indent=2,
-                                     sort_keys=True) + "\n")
+    Path(path).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "environment": environment(),
+                                      "records": [asdict(r) for r in recs]}, indent=2, sort_keys=True) + "\n")

@@ -45,3 +45,26 @@ def configure(*, online: bool | None = None, threads: int = 1, import_torch: boo
 
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False", "")
+
+
+def environment() -> dict[str, str | int | None]:
+    """What decides whether two runs agree bit for bit: package versions, CPU kernels, torch threads.
+
+    Package versions come from the installed metadata (no imports); ``cpu_capability`` and ``threads`` only
+    when torch is already imported (None otherwise), so calling this never loads torch."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    torch = sys.modules.get("torch")
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "torch": torch.__version__ if torch else ver("torch"), "transformers": ver("transformers"),
+            "tokenizers": ver("tokenizers"), "transformer_lens": ver("transformer-lens"),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability() if torch else None,
+            "threads": torch.get_num_threads() if torch else None}

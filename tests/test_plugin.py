@@ -92,6 +92,8 @@ def test_items_ids_outcomes_table_and_json(pytester, random_model_dir):
     assert outcomes.get("passed", 0) == 0 and outcomes.get("failed", 0) == 0
     data = json.loads(out.read_text())
     assert data["schema_version"] == 1 and len(data["records"]) == 6
+    env = data["environment"]      # what bit-for-bit agreement with another run depends on
+    assert env["threads"] == 1 and env["cpu_capability"] and env["torch"] and env["transformers"]
     by = {(x["checkpoint"], x["claim"]): x for x in data["records"]}
     assert by[("step20", "ratio")]["duplicate_of"] == "step10" and by[("step20", "ratio")]["outcome"] == "not_evaluated"
     assert by[("step0", "faithfulness")]["weights_sha256"] and by[("step0", "faithfulness")]["m_M"] is not None

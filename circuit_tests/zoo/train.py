@@ -357,23 +357,12 @@ def _roles(name: str, per_step: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _versions() -> dict[str, str]:
-    import platform
+def _versions() -> dict[str, str | int | None]:
+    from ..runtime import environment
 
-    import tokenizers
-    import transformers
-
-    try:
-        import transformer_lens
-        tl = getattr(transformer_lens, "__version__", "")
-    except Exception:  # pragma: no cover
-        tl = ""
-    if not tl:
-        from importlib.metadata import version
-        tl = version("transformer-lens")
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "transformer_lens": tl, "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    env = environment()
+    env.pop("threads")          # recorded next to it as "threads"
+    return env
 
 
 def build(name: str, root: Path, *, log: bool = True) -> Path:
