@@ -1,4 +1,4 @@
-"""``circuit-tests`` command line: spec schema, the model zoo, role-score discovery."""
+"""``circuit-tests`` command line: spec schema, the model zoo, role-score discovery, emergence plots."""
 
 from __future__ import annotations
 
@@ -76,6 +76,15 @@ def _scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_results
+    from .results import read_json
+
+    for p in plot_results(read_json(args.results), args.out):
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="circuit-tests", description="Circuit claims as pytest tests. Run specs with "
                                 "`pytest specs/`; this command holds the helpers around them.")
@@ -91,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("name")
     zt.add_argument("--out", help="output directory (default: a new temporary directory)")
     zt.set_defaults(fn=_zoo_train)
+    pl = sub.add_parser("plot", help="draw one PNG per spec from a results file (pytest --circuit-json): each "
+                                     "claim's value across checkpoints, with thresholds and outcomes (needs matplotlib)")
+    pl.add_argument("results", help="a JSON file written by pytest --circuit-json")
+    pl.add_argument("--out", default="circuit-plots", help="output directory (default: circuit-plots)")
+    pl.set_defaults(fn=_plot)
     sc = sub.add_parser("scores", help="print every head's role scores and path-patching effects for a spec's "
                                          "task at one checkpoint (to choose which heads to name)")
     sc.add_argument("spec", help="a spec file (its model, task and roles are used)")

@@ -20,6 +20,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("circuit_tests", "circuit specs (circuit_tests)")
     g.addoption("--circuit-json", metavar="PATH", default=None,
                 help="write every circuit result record (spec, checkpoint, claim, outcome, numbers, weights sha256) as JSON")
+    g.addoption("--circuit-plot", metavar="DIR", default=None,
+                help="write one PNG per spec into DIR: each claim's value across checkpoints, thresholds, outcomes "
+                     "(needs matplotlib: pip install 'circuit-tests[plots]')")
     g.addoption("--circuit-not-evaluated", choices=("skip", "fail"), default="skip",
                 help="how a claim that cannot be evaluated is reported (default: skip, with the reason)")
     g.addoption("--circuit-online", action="store_true", default=False,
@@ -33,6 +36,14 @@ def pytest_configure(config: pytest.Config) -> None:
     from .runtime import configure
 
     configure(online=True if config.getoption("circuit_online") else None, import_torch=False)
+    if config.getoption("circuit_plot", None):
+        from .errors import CircuitTestsError
+        from .plot import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except CircuitTestsError as e:
+            raise pytest.UsageError(f"--circuit-plot: {e}") from None
     config.pluginmanager.register(ResultCollector(config), "circuit_tests_results")
 
 
@@ -60,6 +71,7 @@ class ResultCollector:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.raw: dict[str, None] = {}
+        self.plots: list[Path] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for key, value in getattr(report, "user_properties", ()):
@@ -78,10 +90,19 @@ class ResultCollector:
 
         terminalreporter.section("circuit_tests")
         terminalreporter.write_line(table(self.records()))
+        for p in self.plots:
+            terminalreporter.write_line(f"plot: {p}")
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput"):
+            return
         path = self.config.getoption("circuit_json", None)
-        if path and not hasattr(self.config, "workerinput"):
+        if path:
             from .results import write_json
 
             write_json(self.records(), path)
+        plot_dir = self.config.getoption("circuit_plot", None)
+        if plot_dir and self.raw:
+            from .plot import plot_results
+
+            self.plots = plot_results(self.records(), plot_dir)

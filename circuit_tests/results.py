@@ -73,3 +73,25 @@ def write_json(records: list[Record], path: str | Path) -> None:
     recs = sorted(records, key=lambda r: (r.spec_file, r.step if r.step is not None else -1, r.checkpoint, r.claim))
     Path(path).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "environment": environment(),
                                       "records": [asdict(r) for r in recs]}, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> list[Record]:
+    """Records from a file written by ``write_json`` (``--circuit-json``); a clear error for anything else."""
+    from .errors import CircuitTestsError
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CircuitTestsError(f"{p}: no such results file (write one with pytest --circuit-json {p})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CircuitTestsError(f"{p}: not a circuit_tests results file ({e})") from None
+    if not isinstance(data, dict) or "records" not in data:
+        raise CircuitTestsError(f"{p}: not a circuit_tests results file (no 'records'; write one with --circuit-json)")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise CircuitTestsError(f"{p}: results schema version {data.get('schema_version')!r}, this circuit_tests reads "
+                                f"{SCHEMA_VERSION}")
+    try:
+        return [Record(**r) for r in data["records"]]
+    except TypeError as e:
+        raise CircuitTestsError(f"{p}: malformed record ({e})") from None

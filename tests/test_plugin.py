@@ -77,6 +77,26 @@ def run(pytester, spec_text, *args):
     return pytester.runpytest_inprocess("-W", "ignore::pytest.PytestAssertRewriteWarning", *args)
 
 
+def test_plot_option(pytester, random_model_dir, monkeypatch):
+    """--circuit-plot writes a PNG per spec that measured something and names it in the summary; without
+    matplotlib it is a usage error before anything runs."""
+    pytest.importorskip("matplotlib")
+    out = pytester.path / "plots"
+    # role scores are measured even on a random model (faithfulness is not: it cannot do the task)
+    spec = SPEC.format(src=random_model_dir) + "  - type: role_score\n    role: induction\n    min: 0.5\n"
+    r = run(pytester, spec, f"--circuit-plot={out}", "-p", "no:cacheprovider")
+    png = out / "tiny-induction.png"
+    assert f"plot: {png}" in r.stdout.str() and png.read_bytes()[:4] == b"\x89PNG"
+
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    r = run(pytester, SPEC.format(src=random_model_dir), f"--circuit-plot={out}", "-p", "no:cacheprovider")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--circuit-plot: plots need matplotlib: pip install 'circuit-tests[plots]'" in r.stderr.str()
+
+
 def test_items_ids_outcomes_table_and_json(pytester, random_model_dir):
     out = pytester.path / "res.json"
     r = run(pytester, SPEC.format(src=random_model_dir), "-v", "-rs", f"--circuit-json={out}", "-p", "no:cacheprovider")
