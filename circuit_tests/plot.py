@@ -173,7 +173,7 @@ def plot_results(records: list[Record], out_dir: str | Path) -> list[Path]:
         for ax in axes.flat[:n]:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
-        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=min(4, len(handles)),
+        fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=min(2 * cols, len(handles)),
                    fontsize=8, frameon=False)
         fig.suptitle(f"{spec}  ({_short(spec_file)}; {series[0].model})", fontsize=10)
         path = out / _filename(spec, spec_file, taken)
