@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     zl.set_defaults(fn=_zoo_list)
     zt = zsub.add_parser("train", help="re-train a zoo model deterministically (1 thread) into a directory and "
                          "compare it with the shipped one (exit 1 if it does not reproduce)")
-    zt.add_argument("name")
+    zt.add_argument("name", help="a zoo model (see `circuit-tests zoo list`)")
     zt.add_argument("--out", help="output directory (default: a new temporary directory)")
     zt.set_defaults(fn=_zoo_train)
     pl = sub.add_parser("plot", help="draw one PNG per spec from a results file (pytest --circuit-json): each "
