@@ -163,7 +163,7 @@ def plot_results(records: list[Record], out_dir: str | Path) -> list[Path]:
         n = len(series)
         cols = min(3, n)
         rows = math.ceil(n / cols)
-        fig = Figure(figsize=(4.6 * cols, 3.3 * rows + 0.6), layout="constrained")
+        fig = Figure(figsize=(max(4.6 * cols, 7.5), 3.3 * rows + 0.8), layout="constrained")
         axes = fig.subplots(rows, cols, squeeze=False)
         for ax, s in zip(axes.flat, series):
             _draw(ax, s)
