@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CircuitTestsError
-from .results import Record
+from .results import Record, by_spec, checkpoint_order
 
 __all__ = ["ClaimSeries", "claim_series", "plot_results", "require_matplotlib"]
 
@@ -59,14 +59,11 @@ class ClaimSeries:
 
 def claim_series(records: list[Record]) -> dict[tuple[str, str], list[ClaimSeries]]:
     """Group records into series: ``{(spec_file, spec): [ClaimSeries in spec order]}``."""
-    by_spec: dict[tuple[str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        by_spec[(r.spec_file, r.spec)].append(r)
     out: dict[tuple[str, str], list[ClaimSeries]] = {}
-    for key, recs in sorted(by_spec.items()):
-        ckpts = sorted({(r.step if r.step is not None else -1, r.checkpoint) for r in recs})
+    for key, recs in by_spec(records).items():
         by_step = all(r.step is not None for r in recs)
-        xpos = {ck: (float(step) if by_step else float(i)) for i, (step, ck) in enumerate(ckpts)}
+        step = {r.checkpoint: r.step for r in recs}
+        xpos = {ck: float(step[ck]) if by_step else float(i) for i, ck in enumerate(checkpoint_order(recs))}
         series: dict[str, ClaimSeries] = {}
         for r in sorted(recs, key=lambda r: (r.line, xpos[r.checkpoint])):
             s = series.setdefault(r.claim, ClaimSeries(spec=r.spec, spec_file=r.spec_file, model=r.model, claim=r.claim,
@@ -120,7 +117,7 @@ def _draw(ax, s: ClaimSeries) -> None:
         label = st["label"] if has or o == "not_evaluated" else f"{st['label']}, no value (task not doable yet)"
         ax.scatter(*zip(*xy), marker=st["marker"] if has else "v", edgecolors=st["color"], facecolors=face, s=36,
                    zorder=3, label=label)
-    if s.by_step and len(s.x) > 1 and min(x for x in s.x) >= 0:
+    if s.by_step and len(s.x) > 1 and min(s.x) >= 0:
         pos = [x for x in s.x if x > 0]
         if pos and max(pos) / min(pos) > 100:            # Pythia-like schedules (0, 1, 2, 4, ..., 143000)
             ax.set_xscale("symlog", linthresh=min(pos))

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .results import Record
+from .results import Record, by_spec, checkpoint_order
 
 
 def table(records: list[Record]) -> str:
     """One block per spec: rows are checkpoints (training order), columns are claims, cells outcome + value."""
-    by_spec: dict[tuple[str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        by_spec[(r.spec_file, r.spec)].append(r)
     out: list[str] = []
-    for (path, name), recs in sorted(by_spec.items()):
+    for (path, name), recs in by_spec(records).items():
         claims = list(dict.fromkeys(r.claim for r in sorted(recs, key=lambda r: r.line)))
-        ckpts = sorted({(r.step if r.step is not None else -1, r.checkpoint) for r in recs})
+        ckpts = checkpoint_order(recs)
         cell = {(r.checkpoint, r.claim): r.cell for r in recs}
         first = recs[0]
         out.append(f"{name}  ({path}; {first.model}; ablation {first.ablation})")
-        w0 = max([len("checkpoint")] + [len(c) for _, c in ckpts])
-        widths = [max(len(c), *(len(cell.get((ck, c), "")) for _, ck in ckpts)) for c in claims]
+        w0 = max([len("checkpoint")] + [len(c) for c in ckpts])
+        widths = [max(len(c), *(len(cell.get((ck, c), "")) for ck in ckpts)) for c in claims]
         out.append("  " + "checkpoint".ljust(w0) + "  " + "  ".join(c.ljust(w) for c, w in zip(claims, widths)))
-        for _, ck in ckpts:
+        for ck in ckpts:
             out.append("  " + ck.ljust(w0) + "  " + "  ".join(cell.get((ck, c), "").ljust(w) for c, w in zip(claims, widths)))
         counts = defaultdict(int)
         for r in recs:

@@ -65,6 +65,20 @@ class Record:
         return ("pass" if self.outcome == "pass" else "FAIL") + v
 
 
+def by_spec(records: list[Record]) -> dict[tuple[str, str], list[Record]]:
+    """Records grouped per spec, ``{(spec_file, spec): [...]}``, in file order (for reports and plots)."""
+    out: dict[tuple[str, str], list[Record]] = {}
+    for r in records:
+        out.setdefault((r.spec_file, r.spec), []).append(r)
+    return dict(sorted(out.items()))
+
+
+def checkpoint_order(records: list[Record]) -> list[str]:
+    """The distinct checkpoint labels of ``records`` in training order (steps first; labels without a step,
+    such as hub revisions, sort by label)."""
+    return [ck for _, ck in sorted({(r.step if r.step is not None else -1, r.checkpoint) for r in records})]
+
+
 def write_json(records: list[Record], path: str | Path) -> None:
     """Write every record with a schema version and the environment (versions, CPU kernels, threads: what
     bit-for-bit agreement with another run depends on), sorted for stable diffs."""
