@@ -136,7 +136,7 @@ def _short(path: str) -> str:
         return path
 
 
-def _filename(spec: str, spec_file: str, taken: set[str]) -> str:
+def _filename(spec: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", spec) or "spec"
     name, i = f"{base}.png", 2
     while name in taken:                                 # two spec files with the same spec name
@@ -173,7 +173,7 @@ def plot_results(records: list[Record], out_dir: str | Path) -> list[Path]:
         fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=min(2 * cols, len(handles)),
                    fontsize=8, frameon=False)
         fig.suptitle(f"{spec}  ({_short(spec_file)}; {series[0].model})", fontsize=10)
-        path = out / _filename(spec, spec_file, taken)
+        path = out / _filename(spec, taken)
         fig.savefig(path, dpi=110, metadata={"Software": None})
         paths.append(path)
     return paths

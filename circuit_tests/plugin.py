@@ -71,6 +71,7 @@ class ResultCollector:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.raw: dict[str, None] = {}
+        self._records: list[Any] = []      # parsed self.raw (which only grows), reused by JSON, plot and table
         self.plots: list[Path] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -79,9 +80,11 @@ class ResultCollector:
                 self.raw[value] = None
 
     def records(self) -> list[Any]:
-        from .results import Record
+        if len(self._records) != len(self.raw):
+            from .results import Record
 
-        return [Record.from_json(v) for v in self.raw]
+            self._records = [Record.from_json(v) for v in self.raw]
+        return self._records
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if hasattr(self.config, "workerinput") or not self.raw:

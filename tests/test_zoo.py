@@ -273,8 +273,8 @@ def test_reproduction_verdicts():
     assert not nondet.reproduced and "not deterministic" in nondet.problems[0]
     # an old manifest without cpu_capability: environment unknown, judged on metrics
     old = _manifest(versions={"torch": "2.13.0+cpu", "transformers": "5.23.0", "machine": "x86_64"})
-    assert compare(old, retrained(env={"cpu_capability": "AVX512"})).same_environment is None
-    assert compare(old, retrained(env={"cpu_capability": "AVX512"})).reproduced
+    unknown = compare(old, retrained(env={"cpu_capability": "AVX512"}))
+    assert unknown.same_environment is None and unknown.reproduced
     drift = compare(old, retrained(env={"cpu_capability": "AVX512"}, scores=(0.03, 0.05, 0.62, 0.65)))
     assert not drift.reproduced and any("step 300" in p for p in drift.problems)
     late = compare(old, retrained(env={"cpu_capability": "AVX512"}, formation_step=300))

@@ -55,8 +55,7 @@ class Reproduction:
                                      "weights differ from the shipped checkpoints")]
         if self.environment_diffs:
             lines.append("  environment differs from the shipped build: " + "; ".join(
-                f"{k} {a!r} (shipped) vs {b!r} (here)" for k, a, b in
-                ((k, v[0], v[1]) for k, v in self.environment_diffs.items())))
+                f"{k} {a!r} (shipped) vs {b!r} (here)" for k, (a, b) in self.environment_diffs.items()))
         elif self.same_environment:
             lines.append("  environment matches the shipped build")
         else:
