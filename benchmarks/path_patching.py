@@ -15,7 +15,12 @@ sides are timed interleaved, best of ``--repeats``, in process CPU time (torch r
 wall time; ``path_patching_over_loop`` is the CPU-time ratio for the q receivers on IOI-like data. Absolute
 times are noise; read the ratios. The last line is a JSON object.
 
-    python benchmarks/path_patching.py [--loop-senders 6] [--repeats 1] [--threads 1]
+``--model smollm2``: the same on a SmolLM2-135M-shaped random-init model (LLaMA family: 30 layers x 9 query
+heads over 3 key/value heads, d_model 576, RMSNorm, rotary, no biases; 270 senders), with receivers the q
+inputs of a22.h2 and a22.h7 (different key/value groups), ``logits``, and their k inputs (per query head:
+the loop runs on the ungrouped multi-head copy, tests/reference.py ``ungrouped_copy``).
+
+    python benchmarks/path_patching.py [--loop-senders 6] [--repeats 1] [--threads 1] [--model gpt2|smollm2]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--model", choices=("gpt2", "smollm2"), default="gpt2")
     args = ap.parse_args()
     configure(threads=args.threads)
     print(json.dumps(run(args)))
@@ -53,10 +59,23 @@ def run(args: argparse.Namespace) -> dict:
     from circuit_tests.models import bridge_from_hf
     from circuit_tests.path_patching import Receivers, path_patch
     from circuit_tests.tasks.base import TaskData
-    from tests.reference import naive_path_patch
+    from tests.reference import naive_path_patch, ungrouped_copy
 
+    model = getattr(args, "model", "gpt2")
     torch.manual_seed(0)
-    bridge = bridge_from_hf(GPT2LMHeadModel(GPT2Config()))
+    if model == "smollm2":
+        from benchmarks.engine import smollm2_135m
+
+        hf = smollm2_135m()
+        ref_bridge = bridge_from_hf(ungrouped_copy(hf))  # before wrapping hf (wrapping mutates it)
+        bridge = bridge_from_hf(hf)
+        recv_heads = [(22, 2), (22, 7)]
+        model_desc = "SmolLM2-135M config (LlamaForCausalLM, GQA 9/3) random init, float32"
+    else:
+        bridge = bridge_from_hf(GPT2LMHeadModel(GPT2Config()))
+        ref_bridge = bridge
+        recv_heads = [(9, 6), (9, 9)]
+        model_desc = "GPT2Config() random init, float32"
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
     B, T = args.batch, args.seq
 
@@ -81,7 +100,8 @@ def run(args: argparse.Namespace) -> dict:
     def loop_time(task: TaskData, recv: Receivers, senders: list[tuple[int, int]]):
         """Two hooked forwards per sender (tests/reference.py): ((wall, cpu) of the caches, [(wall, cpu) per sender])."""
         timings: list = []
-        naive_path_patch(bridge, task, recv, senders, timings=timings)
+        on = ref_bridge if any(c in ("k", "v") for _, _, c in recv.heads) else bridge
+        naive_path_patch(on, task, recv, senders, timings=timings)
         return tuple(timings[0][1:]), [tuple(t[1:]) for t in timings[1:]]
 
     step = max(1, (L * H) // args.loop_senders)
@@ -89,7 +109,10 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     for case in ("ioi_like", "worst_case"):
         task = make_task(case == "worst_case")
-        for rname, recv in (("q_a9", Receivers.of_heads([(9, 6), (9, 9)], "q")), ("logits", Receivers.logits())):
+        cases = [("q", Receivers.of_heads(recv_heads, "q")), ("logits", Receivers.logits())]
+        if model == "smollm2":
+            cases.append(("k", Receivers.of_heads(recv_heads, "k")))
+        for rname, recv in cases:
             fast_w, fast_c, loop_w, loop_c = [], [], [], []
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared
                 w0, c0 = time.perf_counter(), time.process_time()
@@ -114,17 +137,19 @@ def run(args: argparse.Namespace) -> dict:
                   f"{len(subset)} senders | ratio {r['ratio_cpu']:.4f} cpu, {r['ratio_wall']:.4f} wall", flush=True)
     out = {
         "benchmark": "path_patching",
-        "model": "GPT2Config() random init, float32",
+        "model": model_desc,
+        "receiver_heads": [f"a{l}.h{h}" for l, h in recv_heads],
         "batch": [B, T],
         "threads": args.threads,
         "senders": L * H,
         "loop_senders_timed": len(subset),
         "repeats": args.repeats,
-        "path_patching_over_loop": results["ioi_like/q_a9"]["ratio_cpu"],
-        "path_patching_over_loop_wall": results["ioi_like/q_a9"]["ratio_wall"],
+        "path_patching_over_loop": results["ioi_like/q"]["ratio_cpu"],
+        "path_patching_over_loop_wall": results["ioi_like/q"]["ratio_wall"],
         "path_patching_over_loop_logits": results["ioi_like/logits"]["ratio_cpu"],
-        "path_patching_over_loop_worst_case_q": results["worst_case/q_a9"]["ratio_cpu"],
+        "path_patching_over_loop_worst_case_q": results["worst_case/q"]["ratio_cpu"],
         "path_patching_over_loop_worst_case_logits": results["worst_case/logits"]["ratio_cpu"],
+        "methods": sorted({r["method"] for r in results.values()}),
         "cases": results,
     }
     return out

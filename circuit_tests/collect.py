@@ -11,9 +11,10 @@ from typing import Any, Iterator
 
 import pytest
 
+from .claims import CLAIM_TYPES, fmt
 from .errors import CircuitTestsError, SpecError
 from .plugin import RECORD_KEY
-from .results import Record
+from .results import Record, pytest_outcome
 from .runner import SpecRun, circuit_for, graph_from_dir, measure_claim
 from .spec import load_spec
 
@@ -39,15 +40,21 @@ class SpecFile(pytest.File):
             refs = resolve_checkpoints(m.source, m.revision, m.checkpoints, loaded.dir)
         except CircuitTestsError as e:
             raise self.CollectError(f"{loaded.where('model', 'source')}: model: {e}") from None
-        try:  # check node names now when a checkpoint's shape is available locally
-            for ref in refs:
+        for ref in refs:  # check node names now, against the first checkpoint whose shape is available locally
+            try:
                 g = graph_from_dir(ref.local_dir()) if ref.unavailable_reason() is None else None
-                if g is not None:
+            except Exception:  # an unreadable config.json is that checkpoint's fault: its items report it
+                continue
+            if g is not None:
+                try:
                     circuit_for(loaded, g)
-                    break
-        except SpecError as e:
-            raise self.CollectError(str(e)) from None
-        run = SpecRun(loaded, refs)
+                except SpecError as e:
+                    raise self.CollectError(str(e)) from None
+                break
+        cfg = self.config
+        run = SpecRun(loaded, refs, gate_default=cfg.getoption("circuit_gate", None), store=getattr(cfg, "cache", None),
+                      not_evaluated=cfg.getoption("circuit_not_evaluated", "skip"),
+                      strict=bool(cfg.getoption("circuit_strict", False)))
         for ref in refs:
             yield CheckpointNode.from_parent(self, name=ref.label, run=run, ref=ref)
 
@@ -82,26 +89,43 @@ class ClaimItem(pytest.Item):
 
     def runtest(self) -> None:
         node = self._node
+        cache = getattr(self.config, "circuit_result_cache", None)  # --circuit-cache / --circuit-cache-dir
         try:
-            rec = measure_claim(node.run, node.ref, self.index)
+            key, rec = cache.lookup(node.run, node.ref, self.index) if cache else (None, None)
+            if rec is None:
+                rec = measure_claim(node.run, node.ref, self.index)
+                if cache:
+                    cache.store_record(key, rec)
         except CircuitTestsError as e:
             raise ClaimError(str(e)) from None
-        self.user_properties.append((RECORD_KEY, rec.to_json()))
-        if rec.outcome == "pass":
-            if rec.expected == "absent":
-                pytest.xfail(rec.reason)
+        run = node.run  # the outcome follows this run's options, also for a record reused from a cache
+        rec.outcome = pytest_outcome(rec.verdict or rec.measured, rec.expected, not_evaluated=run.not_evaluated,
+                                     strict=run.strict)  # type: ignore[assignment]
+        setattr(self, RECORD_KEY, rec.to_json())  # copied onto the call report by plugin.pytest_runtest_makereport
+        if rec.outcome == "passed":
             return
-        if rec.outcome == "not_evaluated":
-            if self.config.getoption("circuit_not_evaluated") == "fail":
-                raise ClaimFailed(rec)
+        if rec.outcome == "xfailed":
+            pytest.xfail(rec.reason)
+        if rec.outcome == "skipped":
+            if rec.verdict == "uncertain":
+                pytest.skip(f"uncertain: {rec.reason} (fails under --circuit-strict)")
             pytest.skip(f"not_evaluated: {rec.reason}")
         raise ClaimFailed(rec)
+
+    def setup(self) -> None:
+        """Apply the evaluation settings (threads, offline hub, quiet libraries) when the first spec item runs;
+        the plugin restores them at the end of the session (runtime.EvaluationScope)."""
+        scope = getattr(self.config, "circuit_scope", None)
+        if scope is not None:
+            scope.enter()
 
     def repr_failure(self, excinfo: Any, style: Any = None) -> str:
         if isinstance(excinfo.value, ClaimFailed):
             return failure_text(excinfo.value.record)
         if isinstance(excinfo.value, ClaimError):
             return str(excinfo.value)
+        if isinstance(excinfo.value, pytest.xfail.Exception):  # absent as declared: the reason says it all, and a
+            return str(excinfo.value)                           # traceback repr costs ~0.5 s per item
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Path, int, str]:
@@ -113,31 +137,15 @@ class ClaimError(Exception):
     """A user-facing error while evaluating (bad task for this tokenizer, model that fails to load…)."""
 
 
-def _f(x: float | None) -> str:
-    return "—" if x is None else f"{x:.4g}"
-
-
 def failure_text(r: Record) -> str:
     """The failure message: what was measured, against what, where it is declared."""
-    verdict = "not evaluated" if r.outcome == "not_evaluated" else "does not hold"
+    verdict = {"not_evaluated": "not evaluated", "uncertain": "is uncertain (interval straddles the threshold)",
+               "error": "could not be evaluated"}.get(r.verdict or r.measured, "does not hold")
     lines = [f"{r.spec_file}:{r.line}: claim {r.claim!r} {verdict} at {r.checkpoint}" + (f" (expected {r.expected})" if r.expected != "present" else ""),
              f"  reason:        {r.reason}"]
-    bounds = f">= {_f(r.threshold_min)}" + (f" and <= {_f(r.threshold_max)}" if r.threshold_max is not None else "")
-    x = r.extra
-    if r.claim_type == "faithfulness" and (r.value is not None or r.m_M is not None):
-        lines += [f"  measured:      {_f(r.value)} ({r.normalization}, {r.metric})   threshold: {bounds}",
-                  f"  95% CI:        [{_f(r.ci_low)}, {_f(r.ci_high)}] over {r.n_examples} examples (bootstrap)",
-                  f"  m(M) = {_f(r.m_M)}   m(M') = {_f(r.m_Mprime)}   m(C) = {_f(r.m_C)}   ablation: {r.ablation}"]
-        if r.kl is not None:
-            lines.append(f"  KL(full || circuit) = {_f(r.kl)}   max_kl: {_f(r.max_kl)}")
-    elif r.claim_type == "role_score" and "per_head" in x:
-        lines += [f"  measured:      {_f(r.value)} ({x.get('score')} score, {x.get('quantifier')}; {x.get('unit')})   threshold: {bounds}",
-                  "  per head:      " + ", ".join(f"{h} {_f(v)}" for h, v in x["per_head"].items())]
-    elif r.claim_type == "path_ratio" and "signed" in x:
-        lines += [f"  measured:      {_f(r.value)} ({x.get('measure')} path ratio into {x.get('receivers')})   threshold: {bounds}",
-                  f"  signed {_f(x.get('signed'))}, absolute {_f(x.get('absolute'))}; numerator {_f(x.get('numerator'))}, "
-                  f"denominator {_f(x.get('denominator'))} ({x.get('denominator_set')} senders)",
-                  f"  m(clean) = {_f(x.get('m_clean'))}   m(corrupted) = {_f(x.get('m_corrupted'))}   ({x.get('metric')})",
-                  "  sender effects: " + ", ".join(f"{h} {_f(v)}" for h, v in x.get("effects", {}).items())]
+    bounds = f">= {fmt(r.threshold_min)}" + (f" and <= {fmt(r.threshold_max)}" if r.threshold_max is not None else "")
+    kind = CLAIM_TYPES.get(r.claim_type)  # the type's own report lines (claims.py)
+    if kind is not None and (r.verdict or r.measured) != "error":
+        lines += kind.details(r, bounds)
     lines.append(f"  model: {r.model} @ {r.checkpoint}" + (f"   weights sha256 {r.weights_sha256[:16]}…" if r.weights_sha256 else ""))
     return "\n".join(lines)

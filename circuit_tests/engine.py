@@ -3,8 +3,14 @@
 Edge level (EAP-IG's difference trick, reference/metrics.md §3.2): during the patched run on the clean
 prompts every sender ``s`` records ``D_s = h_s(replacement) - h_s(current)``; each receiver input ``r`` gets
 ``input_r += Σ_{s upstream of r, (s→r) ∉ C} D_s``. Per receiver group we sum over whichever side is smaller:
-the out-of-circuit senders, or ``Σ_all D - Σ_in-circuit D`` — so a sparse circuit costs a handful of small
-matmuls per layer and the full circuit costs nothing (it reproduces the clean run exactly).
+the out-of-circuit senders, or ``Σ_all D - Σ_in-circuit D`` — as a sparse (CSR) product when that side is
+sparse, so a sparse or near-full circuit costs about one vector add per edge, and the full circuit costs
+nothing (it reproduces the clean run exactly).
+q/k/v receivers: the engine computes ``lin_h(ln1(x + adj_r))`` itself from the layer's ln1 and q/k/v
+linears (one LN and one batched product per layer over ``[3, H, b*p, d_model]``; LLaMA RMSNorm applied as a
+per-token scale after the product) and puts it in ``hook_q/k/v``, instead of the bridge's split-qkv fork,
+which copies the residual stream per head three times and normalises each copy; the fork stays the
+fallback for attention modules without separate q/k/v linears.
 Node level: every node outside the circuit has its output replaced (heads via ``hook_z``, MLPs via
 ``hook_mlp_out``), which equals the edge-level evaluation of all edges among the nodes.
 
@@ -12,21 +18,24 @@ Replacement (the ablation): ``corrupted`` = the same example's corrupted prompt 
 per-node mean over the real positions of all corrupted prompts, ``mean_per_position`` = per-node,
 per-position mean, ``zero`` = 0. Positional embeddings and attention output biases are never ablated.
 
+Grouped-query attention (LLaMA family): q, k and v receivers are per *query* head (the MIB convention);
+the edge pass runs the model as its ungrouped equivalent (``gqa.ungrouped``), so patching ``s->a{l}.h{h}<k>``
+changes only query head ``h``'s keys although the model shares them among ``n_heads // n_kv_heads`` heads.
+The engine reads no biases, so bias-free models need nothing else.
+
 Shapes: tokens ``[b, p]``; per-head outputs ``[b, p, h, d_model]``; logits returned at END only, ``[N, V]``.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
-from .runtime import configure
+import torch  # noqa: E402  (no process settings on import: runtime.EvaluationScope applies them)
 
-configure()
-
-import torch  # noqa: E402
-
+from .gqa import ungrouped  # noqa: E402
 from .graph import Circuit, Graph  # noqa: E402
 from .tasks.base import TaskData  # noqa: E402
 
@@ -55,47 +64,55 @@ class Evaluation:
 
 @dataclass
 class _Group:
-    """How one receiver group (q, k or v of a layer's heads; an MLP input; the logits) gets its adjustment.
+    """How one receiver group (q, k and v of a layer's heads; an MLP input; the logits) gets its adjustment.
 
-    ``out``: ``adj = W_out @ D[:n_prev]`` with the dense out-of-circuit mask (a GEMM on a view, no copy);
-    ``in``: ``adj = total - W_in @ D[idx]`` over the few senders with an in-circuit edge (a small gather);
+    ``dense``: ``adj = W_out @ D[:n_prev]`` with the dense out-of-circuit mask (a GEMM on a view, no copy);
+    ``sparse``: ``adj = M @ D[:n_prev]`` with ``M`` a CSR matrix of whichever mask has fewer entries — the
+    out-of-circuit mask, or the in-circuit one with ``adj = total - M @ D[:n_prev]`` (``from_total``), where
+    ``total`` is the running sum of the first ``n_prev`` differences. A sparse circuit's in-circuit edges are a
+    few per receiver but cover most senders of a 3·H-receiver q/k/v group, so per-receiver sparsity beats
+    any dense form: the cost is one axpy per edge instead of one multiply-add per receiver and sender;
     ``none``: every upstream edge is in the circuit.
     """
 
     n_prev: int
-    mode: str  # "none" | "out" | "in"
-    idx: torch.Tensor | None  # sender indices gathered in "in" mode
-    weights: torch.Tensor  # [R, n_prev] out-mask ("out") or [R, len(idx)] in-mask ("in")
-    per_head: bool
+    mode: str  # "none" | "dense" | "sparse"
+    weights: torch.Tensor  # [R, n_prev]: dense out-mask ("dense") or CSR mask ("sparse")
+    from_total: bool = False  # "sparse" only: weights is the in-circuit mask, subtract from the running total
 
 
-GATHER_FRACTION = 0.25  # use the gather ("in") form when at most this share of upstream senders is in the circuit
+SPARSE_DENSITY = 0.08  # CSR product when the smaller mask has at most this share of the [R, n_prev] entries
 
 
 def _plan(circuit: Circuit) -> dict[str, _Group]:
-    """Choose, per receiver group, the cheaper of the two exact formulations."""
+    """Choose, per receiver group, the cheaper of the exact formulations."""
     g = circuit.graph
     ing = circuit.in_graph()  # [S, R]
     plans: dict[str, _Group] = {}
 
-    def group(key: str, cols: list[int], n_prev: int, per_head: bool) -> None:
-        sub_in = ing[:n_prev, cols]  # [n_prev, R]
-        if bool(sub_in.all()):
-            plans[key] = _Group(n_prev, "none", None, torch.empty(0), per_head)
-            return
-        rows = sub_in.any(1).nonzero().flatten()
-        if len(rows) <= GATHER_FRACTION * n_prev:
-            plans[key] = _Group(n_prev, "in", rows, sub_in[rows].T.float().contiguous(), per_head)
+    def group(key: str, cols: list[int], n_prev: int) -> None:
+        sub_in = ing[:n_prev, cols].T  # [R, n_prev]
+        n_in = int(sub_in.sum())
+        n_out = sub_in.numel() - n_in
+        if n_out == 0:
+            plans[key] = _Group(n_prev, "none", torch.empty(0))
+        elif min(n_in, n_out) <= SPARSE_DENSITY * sub_in.numel():
+            from_total = n_in < n_out
+            mask = sub_in if from_total else ~sub_in
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+                warnings.simplefilter("ignore", UserWarning)
+                csr = mask.float().to_sparse_csr()
+            plans[key] = _Group(n_prev, "sparse", csr, from_total)
         else:
-            plans[key] = _Group(n_prev, "out", None, (~sub_in).T.float().contiguous(), per_head)
+            plans[key] = _Group(n_prev, "dense", (~sub_in).float().contiguous())
 
     H = g.n_heads
     for layer in range(g.n_layers):
-        # q, k and v of a layer read the same senders: one GEMM over D serves all three (one read of D)
+        # q, k and v of a layer read the same senders: one product over D serves all three (one read of D)
         cols = [g.receiver_index[f"a{layer}.h{h}<{c}>"] for c in "qkv" for h in range(H)]
-        group(f"blocks.{layer}.qkv", cols, g.n_upstream(f"a{layer}.h0<q>"), True)
-        group(f"blocks.{layer}.hook_mlp_in", [g.receiver_index[f"m{layer}"]], g.n_upstream(f"m{layer}"), False)
-    group(FINAL, [g.receiver_index["logits"]], len(g.senders), False)
+        group(f"blocks.{layer}.qkv", cols, g.n_upstream(f"a{layer}.h0<q>"))
+        group(f"blocks.{layer}.hook_mlp_in", [g.receiver_index[f"m{layer}"]], g.n_upstream(f"m{layer}"))
+    group(FINAL, [g.receiver_index["logits"]], len(g.senders))
     return plans
 
 
@@ -163,9 +180,26 @@ class PatchingEngine:
         L = self.graph.n_layers
         return ["hook_embed"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
 
-    def _set_flags(self, on: bool) -> None:
-        self.bridge.set_use_split_qkv_input(on)
+    def _set_flags(self, on: bool, split_qkv: bool | None = None) -> None:
+        self.bridge.set_use_split_qkv_input(on if split_qkv is None else split_qkv)
         self.bridge.set_use_hook_mlp_in(on)
+
+    def _qkv_modules(self) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]] | None:
+        """Per layer the raw ln1 module and the q/k/v ``nn.Linear``s, or None when some layer lacks them.
+
+        With these the engine computes each q/k/v receiver's projection itself from ``ln1(x + adj_r)`` (the
+        same modules the bridge's split-qkv path applies) instead of letting the bridge fork the residual
+        stream into ``[b, p, h, d_model]`` copies three times per layer; without them it uses that fork.
+        """
+        out = []
+        for blk in self.bridge.blocks:
+            attn = blk.attn
+            ln = getattr(attn, "_ln1_module", None)
+            lins = [getattr(getattr(attn, c, None), "original_component", None) for c in "qkv"]
+            if not isinstance(ln, torch.nn.Module) or not all(isinstance(m, torch.nn.Linear) for m in lins):
+                return None
+            out.append((ln, lins))
+        return out
 
     @torch.no_grad()
     def _cached_pass(self, clean: torch.Tensor, corr: torch.Tensor, end: torch.Tensor):
@@ -241,21 +275,20 @@ class PatchingEngine:
     def _edge_pass(self, clean: torch.Tensor, end: torch.Tensor, circuit: Circuit, repl: dict[str, torch.Tensor]) -> torch.Tensor:
         """The difference trick: senders record replacement - current, receivers add the out-of-circuit sum.
 
-        ``D`` is sender-major ``[S, b*p*d]`` so every group's matmul is one GEMM over a contiguous prefix;
-        ``totals[n]`` is the running sum of the first ``n`` senders' differences (for the "in" form).
+        ``D`` is sender-major ``[S, b*p*d]`` so every group's product reads a contiguous prefix;
+        ``totals[n]`` is the running sum of the first ``n`` senders' differences (for ``from_total`` groups).
         """
         g = self.graph
         if self._plan_key is not circuit.edges and self._plan_key != circuit.edges:
             self._plan_key, self._plan = circuit.edges, _plan(circuit)  # one circuit at a time is the common case
         plans = self._plan
-        self._set_flags(True)
         b, p = clean.shape
         H = g.n_heads
         d = self.W_O.shape[-1]
         D = torch.empty(len(g.senders), b * p * d, dtype=self.W_O.dtype)
         running = torch.zeros(b * p * d, dtype=self.W_O.dtype)
         totals: dict[int, torch.Tensor] = {}
-        need_total = {pl.n_prev for pl in plans.values() if pl.mode == "in"}
+        need_total = {pl.n_prev for pl in plans.values() if pl.from_total}
 
         def record(i: int, diff: torch.Tensor, n: int) -> None:
             """Senders fire in graph order, so after this call the first i+n senders are in D."""
@@ -275,15 +308,54 @@ class PatchingEngine:
         def on_mlp(t: torch.Tensor, hook: Any, layer: int) -> None:
             record(g.mlp_sender(layer), (repl[f"blocks.{layer}.hook_mlp_out"] - t).reshape(1, -1), 1)
 
+        def adjusted(plan: _Group, x: torch.Tensor) -> torch.Tensor:
+            """``x + adj_r`` for every receiver ``r`` of the group (``x``: ``[1, b*p*d]``) as one fused product."""
+            if plan.from_total:
+                return torch.addmm(x + totals[plan.n_prev], plan.weights, D[: plan.n_prev], alpha=-1)  # [R, b*p*d]
+            return torch.addmm(x, plan.weights, D[: plan.n_prev])
+
         def adjustment(plan: _Group) -> torch.Tensor:
-            if plan.mode == "out":
-                return plan.weights @ D[: plan.n_prev]  # [R, b*p*d]
-            return totals[plan.n_prev].unsqueeze(0) - plan.weights @ D[plan.idx]
+            """``adj_r`` alone, ``[R, b*p*d]`` (the sum ``x + adj`` is then taken in the bridge's dtype)."""
+            adj = plan.weights @ D[: plan.n_prev]
+            return totals[plan.n_prev].unsqueeze(0) - adj if plan.from_total else adj
 
         def on_recv(x: torch.Tensor, hook: Any, plan: _Group) -> torch.Tensor:
-            return x if plan.mode == "none" else x + adjustment(plan).view(b, p, d)
+            return x if plan.mode == "none" else x + adjustment(plan).view(b, p, d).to(x.dtype)
 
         qkv_adj: dict[int, torch.Tensor] = {}
+        resid: dict[int, torch.Tensor] = {}
+        qkv_in: dict[int, tuple[torch.Tensor, set[int]]] = {}
+        mods = self._qkv_modules()
+
+        def on_ln1_in(x: torch.Tensor, hook: Any, layer: int) -> None:
+            resid[layer] = x
+
+        def on_proj(t: torch.Tensor, hook: Any, layer: int, part: int) -> torch.Tensor:
+            """Replace head outputs of q/k/v with ``lin_h(ln1(x + adj_r))`` per receiver ``r``: one LN and
+            one batched matmul per part over contiguous ``[3, H, b*p, d]`` inputs."""
+            if layer not in qkv_in:
+                x = resid.pop(layer).reshape(1, b * p * d).to(D.dtype)
+                y = adjusted(plans[f"blocks.{layer}.qkv"], x).view(3, H, b * p, d)
+                ln = mods[layer][0]
+                if _is_llama_rms(ln, y):  # ln(y) @ W = (y @ diag(w) W) / rms(y): the scale after the product
+                    ms = torch.linalg.vector_norm(y, dim=-1).square_().div_(d).add_(ln.variance_epsilon)
+                    qkv_in[layer] = (y, ms.rsqrt_().unsqueeze(-1), set())
+                else:
+                    qkv_in[layer] = (ln(y.view(-1, d)).view(3, H, b * p, d), None, set())
+            normed, inv_rms, done = qkv_in[layer]
+            lin = mods[layer][1][part]
+            e = lin.weight.shape[0] // H
+            w = lin.weight.view(H, e, d).transpose(1, 2)  # [H, d, e]
+            if inv_rms is None:
+                y = torch.bmm(normed[part], w)
+            else:
+                y = torch.bmm(normed[part], w * mods[layer][0].weight.view(1, d, 1)).mul_(inv_rms[part])
+            if lin.bias is not None:
+                y = y.add_(lin.bias.view(H, 1, e))
+            done.add(part)
+            if len(done) == 3:
+                del qkv_in[layer]
+            return y.view(H, b, p, e).permute(1, 2, 0, 3).to(t.dtype)
 
         def on_qkv(x: torch.Tensor, hook: Any, layer: int, part: int) -> torch.Tensor:
             plan = plans[f"blocks.{layer}.qkv"]
@@ -297,12 +369,27 @@ class PatchingEngine:
         for layer in range(g.n_layers):
             hooks.append((f"blocks.{layer}.attn.hook_z", partial(on_z, layer=layer)))
             hooks.append((f"blocks.{layer}.hook_mlp_out", partial(on_mlp, layer=layer)))
-            hooks += [(f"blocks.{layer}.hook_{c}_input", partial(on_qkv, layer=layer, part=i)) for i, c in enumerate("qkv")]
+            if mods is None:
+                hooks += [(f"blocks.{layer}.hook_{c}_input", partial(on_qkv, layer=layer, part=i)) for i, c in enumerate("qkv")]
+            elif plans[f"blocks.{layer}.qkv"].mode != "none":
+                hooks.append((f"blocks.{layer}.ln1.hook_in", partial(on_ln1_in, layer=layer)))
+                hooks += [(f"blocks.{layer}.attn.{c}.hook_out", partial(on_proj, layer=layer, part=i)) for i, c in enumerate("qkv")]
             hooks.append((f"blocks.{layer}.hook_mlp_in", partial(on_recv, plan=plans[f"blocks.{layer}.hook_mlp_in"])))
+        self._set_flags(True, split_qkv=mods is None)
         try:
-            return self._logits_at(clean, end, hooks, final=partial(on_recv, plan=plans[FINAL]))
+            with ungrouped(self.bridge):  # one k/v input per query head (no-op without GQA)
+                return self._logits_at(clean, end, hooks, final=partial(on_recv, plan=plans[FINAL]))
         finally:
             self._set_flags(False)
+
+
+_LLAMA_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / rms(x), computed in fp32
+
+
+def _is_llama_rms(ln: torch.nn.Module, x: torch.Tensor) -> bool:
+    """LLaMA-style RMSNorm on float32: the engine applies it as a per-token scale after the q/k/v product
+    (HF's module makes ~4 elementwise passes, here over 3·H copies of the residual stream per layer)."""
+    return type(ln).__name__ in _LLAMA_RMS_NORMS and x.dtype == torch.float32 and ln.weight.dtype == torch.float32
 
 
 def _replace_heads(z: torch.Tensor, hook: Any, heads: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

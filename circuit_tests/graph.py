@@ -4,20 +4,22 @@ Nodes: ``input`` (token embedding only), ``a{L}.h{H}``, ``m{L}``, ``logits``. Se
 order; receivers are the q/k/v inputs of each head, each MLP input and the logits. A head in layer l reads
 input, heads and MLPs of layers < l; ``m{l}`` also reads layer-l heads in sequential blocks (GPT-2) but not in
 parallel blocks (GPT-NeoX/Pythia). Positional embeddings and attention output biases belong to no node.
+
+Grouped-query attention (LLaMA family, e.g. SmolLM2: 9 query heads sharing 3 key/value heads): heads are the
+*query* heads, and each has its own q, k and v receivers — ``a{L}.h{H}<k>`` is query head H's copy of the key
+input, computed with the weights of key/value head ``H // (n_heads / n_kv_heads)``. This is how MIB evaluates
+GQA models (TransformerLens ``ungroup_grouped_query_attention=True``; hannamw/MIB-circuit-track), so edge
+counts and circuits match theirs: the graph depends on ``n_heads`` only (``gqa.py`` realises it).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable, Iterator, Mapping
 
+from . import names
 from .errors import GraphError
-
-_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
-_MLP = re.compile(r"^m(\d+)$")
-_RECV = re.compile(r"^(?P<node>a\d+\.h\d+|m\d+|logits)(?:<(?P<qkv>[qkv])>)?$")
 
 
 @dataclass(frozen=True)
@@ -81,38 +83,29 @@ class Graph:
 
     def n_upstream(self, receiver: str) -> int:
         """Number of senders (a prefix of ``senders``) that feed ``receiver``."""
-        node = _RECV.match(receiver)
-        if not node:
-            raise GraphError(f"{receiver!r} is not a receiver name")
-        name = node["node"]
-        if name == "logits":
+        node, _ = names.parse_receiver(receiver)
+        if node.kind == "logits":
             return len(self.senders)
-        m = _HEAD.match(name)
-        if m:
-            return 1 + int(m[1]) * (self.n_heads + 1)
-        layer = int(_MLP.match(name)[1])  # type: ignore[index]
-        return 1 + layer * (self.n_heads + 1) + (0 if self.parallel else self.n_heads)
+        if node.kind == "head":
+            return 1 + node.layer * (self.n_heads + 1)  # type: ignore[operator]
+        return 1 + node.layer * (self.n_heads + 1) + (0 if self.parallel else self.n_heads)  # type: ignore[operator]
 
     # ------------------------------------------------------------------ validation
     def check_node(self, name: str) -> str:
         """Return ``name`` if it exists in this model, else raise GraphError naming the valid range."""
-        if name in ("input", "logits"):
-            return name
         rng = f"model has layers 0-{self.n_layers - 1}, heads 0-{self.n_heads - 1}"
-        m = _HEAD.match(name)
-        if m:
-            layer, head = int(m[1]), int(m[2])
-            if layer >= self.n_layers:
-                raise GraphError(f"{name}: no layer {layer}; {rng}")
-            if head >= self.n_heads:
-                raise GraphError(f"{name}: no head {head}; {rng}")
-            return name
-        m = _MLP.match(name)
-        if m:
-            if int(m[1]) >= self.n_layers:
-                raise GraphError(f"{name}: no MLP in layer {m[1]}; model has layers 0-{self.n_layers - 1}")
-            return name
-        raise GraphError(f"{name!r} is not a node: expected a{{L}}.h{{H}}, m{{L}}, input or logits ({rng})")
+        try:
+            node = names.parse_node(name)
+        except names.NameSyntaxError as e:
+            raise names.NameSyntaxError(f"{e} ({rng})") from None
+        if node.kind == "head":
+            if node.layer >= self.n_layers:  # type: ignore[operator]
+                raise GraphError(f"{name}: no layer {node.layer}; {rng}")
+            if node.head >= self.n_heads:  # type: ignore[operator]
+                raise GraphError(f"{name}: no head {node.head}; {rng}")
+        elif node.kind == "mlp" and node.layer >= self.n_layers:  # type: ignore[operator]
+            raise GraphError(f"{name}: no MLP in layer {node.layer}; model has layers 0-{self.n_layers - 1}")
+        return name
 
     def edges(self) -> Iterator[tuple[str, str]]:
         """Every edge ``(sender, receiver)`` of the model."""
@@ -128,24 +121,17 @@ class Graph:
         """The receiver slots of a node: q/k/v for a head, itself for an MLP or logits, none for input."""
         if node == "input":
             return ()
-        if _HEAD.match(node):
-            return tuple(f"{node}<{c}>" for c in "qkv")
+        if names.parse_node(node).kind == "head":
+            return tuple(names.receiver_name(node, c) for c in "qkv")
         return (node,)
 
     def parse_edge(self, text: str) -> list[tuple[str, str]]:
         """``'a0.h1->a3.h2<q>'`` → [(a0.h1, a3.h2<q>)]; a head receiver without <q|k|v> expands to all three."""
-        t = text.replace(" ", "")
-        if "->" not in t:
-            raise GraphError(f"{text!r} is not an edge (expected SENDER->RECEIVER)")
-        s, r = t.split("->", 1)
-        if s == "logits":
-            raise GraphError(f"{text}: logits sends to nothing")
+        sender, recv, qkv = names.parse_edge(text)
+        s, node = str(sender), str(recv)
         self.check_node(s)
-        m = _RECV.match(r)
-        if not m:
-            raise GraphError(f"{text}: {r!r} is not a receiver (a{{L}}.h{{H}}<q|k|v>, m{{L}} or logits)")
-        self.check_node(m["node"])
-        slots = [r] if m["qkv"] or not _HEAD.match(m["node"]) else list(self.receivers_of(m["node"]))
+        self.check_node(node)
+        slots = [names.receiver_name(node, qkv)] if qkv or recv.kind != "head" else list(self.receivers_of(node))
         out = []
         for slot in slots:
             if self.sender_index[s] >= self.n_upstream(slot):
@@ -171,7 +157,7 @@ class Circuit:
         out = set(self.named_nodes)
         for s, r in self.edges:
             out.add(s)
-            out.add(_RECV.match(r)["node"])  # type: ignore[index]
+            out.add(names.receiver_node(r))
         return frozenset(out)
 
     def in_graph(self) -> "Any":
@@ -189,7 +175,7 @@ class Circuit:
         has_in, has_out = set(), set()
         for s, r in self.edges:
             has_out.add(s)
-            has_in.add(_RECV.match(r)["node"])  # type: ignore[index]
+            has_in.add(names.receiver_node(r))
         out = []
         for n in sorted(self.nodes - {"input", "logits"}):
             if n not in has_out:
@@ -210,7 +196,7 @@ def empty_circuit(graph: Graph) -> Circuit:
 def node_circuit(graph: Graph, nodes: Iterable[str], roles: Mapping[str, Iterable[str]] | None = None) -> Circuit:
     """All edges among ``nodes`` plus ``input`` and ``logits`` (node-level circuit)."""
     keep = {graph.check_node(n) for n in nodes} | {"input", "logits"}
-    edges = frozenset((s, r) for s, r in graph.edges() if s in keep and _RECV.match(r)["node"] in keep)  # type: ignore[index]
+    edges = frozenset((s, r) for s, r in graph.edges() if s in keep and names.receiver_node(r) in keep)
     return Circuit(graph, edges, {k: tuple(v) for k, v in (roles or {}).items()}, "node", frozenset(keep))
 
 
@@ -229,24 +215,45 @@ def resolve_circuit(graph: Graph, roles: Mapping[str, Iterable[str]], nodes: Ite
 
 # ------------------------------------------------------------------ MIB / EAP-IG graph JSON
 
-def circuit_to_json(circuit: Circuit) -> dict[str, Any]:
-    """EAP-IG ``Graph.to_json``-style dict: every node and edge with ``in_graph`` (scores are 0)."""
+def circuit_to_json(circuit: Circuit, *, d_model: int, scores: Mapping[tuple[str, str], float] | None = None) -> dict[str, Any]:
+    """EAP-IG ``Graph.to_json`` dict: every node and edge with ``in_graph``, edge ``score`` (0 without scores).
+
+    ``cfg`` holds what EAP-IG's ``Graph.from_json`` passes to ``Graph.from_model``: n_layers, n_heads,
+    parallel_attn_mlp and d_model (it builds neuron-level tensors of width d_model, so a file without it fails
+    to load there). Node ``score`` keys are omitted: EAP-IG then keeps ``nodes_scores`` None.
+    """
     g = circuit.graph
     nodes = circuit.nodes | {"input", "logits"} if circuit.edges else circuit.nodes
+    sc = scores or {}
     return {
-        "cfg": {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_attn_mlp": g.parallel},
+        "cfg": {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_attn_mlp": g.parallel, "d_model": int(d_model)},
         "nodes": {n: {"in_graph": n in nodes} for n in g.nodes},
-        "edges": {f"{s}->{r}": {"score": 0.0, "in_graph": (s, r) in circuit.edges} for s, r in g.edges()},
+        "edges": {f"{s}->{r}": {"score": float(sc.get((s, r), 0.0)), "in_graph": (s, r) in circuit.edges}
+                  for s, r in g.edges()},
     }
 
 
-def circuit_from_json(graph: Graph, data: Mapping[str, Any]) -> Circuit:
-    """Read an EAP-IG / MIB graph JSON: the edges marked ``in_graph`` (validated against ``graph``)."""
+def circuit_from_json(graph: Graph, data: Mapping[str, Any], where: str = "graph JSON") -> Circuit:
+    """Read an EAP-IG / MIB graph JSON: the edges marked ``in_graph`` (validated against ``graph``).
+
+    A ``cfg`` whose n_layers / n_heads / parallel_attn_mlp disagree with the model is an error naming both.
+    """
+    cfg = data.get("cfg")
+    if isinstance(cfg, Mapping):
+        want = {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": graph.parallel}
+        bad = [f"{k} {cfg[k]!r} (model: {v!r})" for k, v in want.items() if k in cfg and cfg[k] != v]
+        if bad:
+            raise GraphError(f"{where}: written for another model shape: cfg " + ", ".join(bad))
     edges_obj = data.get("edges")
     if not isinstance(edges_obj, Mapping):
-        raise GraphError("graph JSON has no 'edges' mapping")
+        raise GraphError(f"{where}: no 'edges' mapping (expected EAP-IG's Graph.to_json format)")
     es: set[tuple[str, str]] = set()
     for name, attrs in edges_obj.items():
-        if isinstance(attrs, Mapping) and attrs.get("in_graph"):
-            es.update(graph.parse_edge(name))
+        if not isinstance(attrs, Mapping) or not isinstance(attrs.get("in_graph", False), bool):
+            raise GraphError(f"{where}: edges[{name!r}] must be an object with a boolean 'in_graph'")
+        if attrs.get("in_graph"):
+            try:
+                es.update(graph.parse_edge(name))
+            except GraphError as e:
+                raise GraphError(f"{where}: edges[{name!r}]: {e}") from None
     return Circuit(graph, frozenset(es), level="edge")

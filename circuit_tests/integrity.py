@@ -1,30 +1,41 @@
-"""Checkpoint integrity: which checkpoints are really the same weights under another name.
+"""Checkpoint integrity: is this checkpoint really what its name says, and really the model its config describes?
 
-Checkpoint series are not always what their names say: Pythia's ``step0`` and ``step1`` hold identical
-weights (EleutherAI/pythia#83), and some branches served the final weights instead of their step
-(EleutherAI/pythia#205). A claim "evaluated" on such a checkpoint would silently repeat another
-checkpoint's result, so the plugin reports every claim on a duplicate as not_evaluated
-("duplicate of step0") instead.
+Three faults would otherwise give silently wrong numbers:
 
-Hashes come from ``CheckpointRef.weights_sha256()`` (``circuit_tests.models.weights_sha256``: names, dtypes,
-shapes and bytes of every tensor), so two checkpoints are duplicates exactly when every tensor is equal.
+- **Duplicates.** Checkpoint series are not always what their names say: Pythia's ``step0`` and ``step1`` hold
+  identical weights (EleutherAI/pythia#83), and some branches served the final weights instead of their step
+  (EleutherAI/pythia#205). A claim "evaluated" on such a checkpoint would silently repeat another checkpoint's
+  result, so every claim on a duplicate is reported not_evaluated ("duplicate of step0") instead.
+  Hashes come from ``CheckpointRef.weights_sha256()`` (``circuit_tests.models.weights_sha256``: names, dtypes,
+  shapes and bytes of every tensor), so two checkpoints are duplicates exactly when every tensor is equal.
+  ``DuplicateFinder`` hashes lazily, one checkpoint at a time and only as far back as needed, so a pytest-xdist
+  worker hashes the checkpoints it runs and (with the cross-run hash cache) re-reads nothing on later runs.
+- **Weights that do not cover the config.** transformers fills tensors missing from the weight files with random
+  values (a config.json declaring more layers than the weights hold loads "fine", and passes or fails at random):
+  ``missing_tensors`` asks transformers which tensors its load would have to invent.
+- **Non-finite weights.** NaN/inf parameters make every number NaN: ``nonfinite_parameters`` names them.
+
+Zoo checkpoints are also verified against the sha256 their manifest records (``CheckpointRef.weights_sha256``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError
 from .sources import CheckpointRef
 
-__all__ = ["weights_hashes", "find_duplicates", "duplicate_reason"]
+__all__ = ["weights_hashes", "find_duplicates", "duplicate_reason", "DuplicateFinder", "missing_tensors",
+           "nonfinite_parameters", "check_loaded"]
 
 
 def weights_hashes(refs: Iterable[CheckpointRef]) -> dict[str, str]:
-    """label -> weights sha256 for every ref that is available here; unavailable refs are left out."""
+    """label -> weights sha256 for every ref that is available here; unavailable or unreadable refs are left out."""
     out: dict[str, str] = {}
     for ref in refs:
-        if ref.sha256_hint is None and ref.unavailable_reason() is not None:
+        if ref.unavailable_reason() is not None:
             continue
         try:
             out[ref.label] = ref.weights_sha256()
@@ -53,7 +64,110 @@ def find_duplicates(refs: Sequence[CheckpointRef], hashes: Mapping[str, str]) ->
     return dups
 
 
+class DuplicateFinder:
+    """Lazy, per-checkpoint duplicate detection over an ordered series of refs.
+
+    ``sha256(ref)`` hashes one checkpoint (ModelLoadError when it cannot be read or fails its manifest);
+    ``original_of(ref)`` hashes the earlier checkpoints only until one matches. A checkpoint that cannot be hashed
+    is never an original (its own items report why). ``store`` persists hashes across runs (pytest's cache).
+    """
+
+    def __init__(self, refs: Sequence[CheckpointRef], store: Any = None,
+                 hash_fn: Callable[[CheckpointRef], str] | None = None):
+        self.refs = list(refs)
+        self.store = store
+        self._hash_fn = hash_fn
+        self._sha: dict[str, str | ModelLoadError] = {}
+
+    def sha256(self, ref: CheckpointRef) -> str:
+        got = self._sha.get(ref.label)
+        if got is None:
+            try:
+                got = self._hash_fn(ref) if self._hash_fn is not None else ref.weights_sha256(self.store)
+            except ModelLoadError as e:
+                got = e
+            self._sha[ref.label] = got
+        if isinstance(got, ModelLoadError):
+            raise got
+        return got
+
+    def original_of(self, ref: CheckpointRef) -> str | None:
+        """The earliest checkpoint before ``ref`` with identical weights, or None."""
+        mine = self.sha256(ref)
+        for earlier in self.refs:
+            if earlier.label == ref.label:
+                return None
+            if earlier.unavailable_reason() is not None:
+                continue
+            try:
+                if self.sha256(earlier) == mine:
+                    return earlier.label
+            except ModelLoadError:
+                continue
+        return None
+
+
 def duplicate_reason(label: str, original: str, hashes: Mapping[str, str] | None = None) -> str:
     """The not_evaluated reason for a duplicate: ``duplicate of step0 (identical weights, sha256 1a2b3c4d5e6f)``."""
     sha = (hashes or {}).get(label)
     return f"duplicate of {original} (identical weights" + (f", sha256 {sha[:12]})" if sha else ")")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Does the loaded model hold what its weight files hold?
+# ----------------------------------------------------------------------------------------------------------------
+
+def missing_tensors(model_dir: str | Path) -> list[str] | None:
+    """Parameters the directory's config.json needs that its weight files do not hold (transformers would fill them
+    with random values), sorted; None when transformers cannot build the config's model here (check skipped).
+
+    Asks transformers itself (``from_pretrained(..., output_loading_info=True)``) on the meta device: its own
+    renames, tied weights and base-model prefixes apply, no tensor data is read, ~0.1 s.
+    """
+    import logging
+
+    d = Path(model_dir)
+    tf_log = logging.getLogger("transformers")
+    level = tf_log.level
+    tf_log.setLevel(logging.ERROR)  # its load report lists the missing keys on stderr; we report them instead
+    try:
+        from transformers import AutoModelForCausalLM
+
+        _, info = AutoModelForCausalLM.from_pretrained(str(d), output_loading_info=True, device_map="meta")
+    except Exception:
+        return None
+    finally:
+        tf_log.setLevel(level)
+    return sorted(info.get("missing_keys") or [])
+
+
+def nonfinite_parameters(module: Any, limit: int = 5) -> list[str]:
+    """Names of parameters holding NaN or ±inf (at most ``limit``), ``name (NaN)`` / ``name (inf)``."""
+    import torch
+
+    bad: list[str] = []
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            kind = "NaN" if torch.isnan(p).any() else "inf"
+            bad.append(f"{name.replace('._original_component', '')} ({kind})")
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+def check_loaded(ref: CheckpointRef, bridge: Any) -> None:
+    """ModelLoadError when a loaded checkpoint's weights do not cover its config or are not finite."""
+    d = ref.local_dir()
+    if d is not None and (d / "config.json").is_file():
+        missing = missing_tensors(d)
+        if missing:
+            shown = ", ".join(missing[:6]) + (f", … ({len(missing)} in all)" if len(missing) > 6 else "")
+            raise ModelLoadError(f"{d}: the weights do not cover {d / 'config.json'}: {len(missing)} tensor(s) the "
+                                 f"config needs are not in the weight files ({shown}); transformers would fill them "
+                                 "with random values (does config.json declare more layers or a larger shape than "
+                                 "the weights hold?)")
+    hf = getattr(bridge, "original_model", None)
+    bad = nonfinite_parameters(hf if hf is not None else bridge)
+    if bad:
+        where = d if d is not None else ref.display
+        raise ModelLoadError(f"{where}: non-finite weights: {', '.join(bad)}; every measurement would be NaN")

@@ -3,16 +3,14 @@
 Faithfulness (reference/metrics.md §2): ``ratio = m(C)/m(M)`` (Tigges et al.) or
 ``normalized = (m(C) - m(M'))/(m(M) - m(M'))`` (Hanna et al. / MIB), ratios of dataset means. Never implicit.
 When the denominator is below a floor the full model cannot do the task at this checkpoint and the claim is
-``not_evaluated`` (never passed). A 95% bootstrap CI over examples (seeded) is reported; the gate uses the
-point estimate.
+``not_evaluated`` (never passed). A paired bootstrap interval over examples (seeded; stats.py) is reported; the gate
+uses the point estimate, or the whole interval with ``gate: ci``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from .metrics import metric_values
 
@@ -30,19 +28,12 @@ class Measurement:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
-def _bootstrap(num: np.ndarray, den_parts: tuple[np.ndarray, ...], fn, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(num), size=(n, len(num)))
-    with np.errstate(divide="ignore", invalid="ignore"):  # resamples with a zero denominator are dropped below
-        vals = fn(num[idx].mean(1), *(p[idx].mean(1) for p in den_parts))
-    vals = vals[np.isfinite(vals)]
-    if len(vals) == 0:
-        return float("nan"), float("nan")
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+def faithfulness(evaluation: Any, task: Any, claim: Any, boot: Any = None, gate_mode: str = "point") -> Measurement:
+    """Evaluate a FaithfulnessClaim on an engine ``Evaluation`` of the spec's circuit.
 
-
-def faithfulness(evaluation: Any, task: Any, claim: Any) -> Measurement:
-    """Evaluate a FaithfulnessClaim on an engine ``Evaluation`` of the spec's circuit."""
+    ``boot`` (stats.BootstrapSettings) sets the paired bootstrap interval; ``gate_mode`` ``ci`` gates on the whole
+    interval (outcome ``uncertain`` when it straddles a bound), ``point`` on the value (stats.gate)."""
+    from . import stats
     metric = claim.metric or task.default_metric
     if metric not in DEFAULT_MIN_EFFECT:  # e.g. a custom task whose default metric is kl
         return Measurement("not_evaluated", None, f"metric {metric!r} cannot be normalized as faithfulness; "
@@ -65,32 +56,38 @@ def faithfulness(evaluation: Any, task: Any, claim: Any) -> Measurement:
             return Measurement("not_evaluated", None, f"full model cannot do the task: m(M) = {m_M:.4g} < floor {floor:g} "
                                f"({metric})", CANNOT_DO_TASK, numbers)
         value = m_C / den
-        lo, hi = _bootstrap(circ, (full,), lambda c, f: c / f)
+        iv = stats.paired_bootstrap(stats.ratio_of_means, (circ, full), boot or stats.BootstrapSettings())
     else:
         den = m_M - m_B
         if den < floor:
             return Measurement("not_evaluated", None, f"full model cannot do the task: m(M) - m(M') = {den:.4g} < floor "
                                f"{floor:g} ({metric})", CANNOT_DO_TASK, numbers)
         value = (m_C - m_B) / den
-        lo, hi = _bootstrap(circ, (full, base), lambda c, f, b: (c - b) / (f - b))
-    numbers.update(ci_low=lo, ci_high=hi)
-    ok = value >= claim.min and (claim.max is None or value <= claim.max)
+        iv = stats.paired_bootstrap(stats.normalized, (circ, full, base), boot or stats.BootstrapSettings())
+    numbers.update(ci_low=iv.low, ci_high=iv.high, gate=gate_mode, **iv.record())
+    outcome = stats.gate(value, iv.low, iv.high, claim.min, claim.max, gate_mode)
     why = []
-    if value < claim.min:
-        why.append(f"{claim.normalization} faithfulness {value:.4g} < min {claim.min:g}")
-    if claim.max is not None and value > claim.max:
-        why.append(f"{claim.normalization} faithfulness {value:.4g} > max {claim.max:g}")
+    if outcome == stats.UNCERTAIN:
+        why.append(f"{claim.normalization} faithfulness {value:.4g}: its {iv.level:.0%} interval [{iv.low:.4g}, "
+                   f"{iv.high:.4g}] ({iv.method}) straddles the threshold")
+    elif outcome == "fail":
+        shown = f"{value:.4g}" + (f" (interval [{iv.low:.4g}, {iv.high:.4g}])" if gate_mode == "ci" else "")
+        if value < claim.min or (gate_mode == "ci" and iv.high < claim.min):
+            why.append(f"{claim.normalization} faithfulness {shown} < min {claim.min:g}")
+        else:
+            why.append(f"{claim.normalization} faithfulness {shown} > max {claim.max:g}")
     if claim.max_kl is not None and numbers["kl"] > claim.max_kl:
-        ok = False
+        outcome = "fail"
         why.append(f"KL(full || circuit) {numbers['kl']:.4g} > max_kl {claim.max_kl:g}")
-    return Measurement("pass" if ok else "fail", value, "; ".join(why), "", numbers)
+    return Measurement(outcome, value, "; ".join(why), "", numbers)
 
 
 # ---------------------------------------------------------------- role scores
 
 def _head(name: str) -> tuple[int, int]:
-    layer, head = name[1:].split(".h")
-    return int(layer), int(head)
+    from .names import parse_head
+
+    return parse_head(name)
 
 
 def role_scores_key(claim: Any, roles: dict[str, list[str]]) -> tuple:
@@ -159,10 +156,16 @@ def path_ratio(result: Any, claim: Any, roles: dict[str, list[str]], circuit_hea
     floor = claim.min_effect if claim.min_effect is not None else DEFAULT_MIN_EFFECT.get(metric, 0.05)
     numbers: dict[str, Any] = {"metric": metric, "m_clean": float(result.ld_clean), "m_corrupted": float(result.ld_corrupt),
                                "receivers": result.receivers.describe() if hasattr(result.receivers, "describe") else str(result.receivers),
-                               "measure": claim.measure, "denominator_set": claim.denominator}
+                               "measure": claim.measure, "denominator_set": claim.denominator,
+                               "path_patching_method": getattr(result, "method", None)}
+    fallback = getattr(result, "fallback", None)
+    note = ""
+    if fallback:  # the numbers are exact either way, but say which engine made them and why
+        numbers["path_patching_fallback"] = fallback
+        note = f"path patching fell back to the hooks engine: {fallback}"
     if gap < floor:
         return Measurement("not_evaluated", None, f"full model cannot do the task: m(clean) - m(corrupted) = {gap:.4g} < "
-                           f"floor {floor:g} ({metric})", CANNOT_DO_TASK, numbers)
+                           f"floor {floor:g} ({metric})" + (f"; {note}" if note else ""), CANNOT_DO_TASK, numbers)
     senders = sorted({_head(h) for r in claim.senders for h in roles[r] if h.startswith("a")})
     den = None if claim.denominator == "all" else sorted({_head(h) for h in circuit_heads})
     ratio = path_patch_ratio(result.effects, senders, den)
@@ -170,8 +173,9 @@ def path_ratio(result: Any, claim: Any, roles: dict[str, list[str]], circuit_hea
     numbers["effects"] = {f"a{l}.h{h}": float(result.effects[l, h]) for l, h in senders}
     value = ratio[claim.measure]
     if value is None:
-        return Measurement("not_evaluated", None, "zero denominator: no sender has an effect on these receivers", "", numbers)
+        return Measurement("not_evaluated", None, "; ".join(x for x in ("zero denominator: no sender has an effect on "
+                                                                        "these receivers", note) if x), "", numbers)
     ok = value >= claim.min and (claim.max is None or value <= claim.max)
     why = "" if ok else (f"{claim.measure} path ratio {value:.4g} (from {', '.join(claim.senders)} to {claim.receivers}) "
                          f"outside [{claim.min:g}, {claim.max if claim.max is not None else 'inf'}]")
-    return Measurement("pass" if ok else "fail", value, why, "", numbers)
+    return Measurement("pass" if ok else "fail", value, "; ".join(x for x in (why, note) if x), "", numbers)

@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
-from .runtime import configure
 
-configure()
-
-import torch  # noqa: E402
+import torch  # noqa: E402  (no process settings here: runtime.EvaluationScope)
 
 __all__ = ["load_bridge", "bridge_from_hf", "weights_sha256", "state_dict_sha256", "load_tokenizer"]
 
@@ -48,10 +45,12 @@ def load_bridge(model_dir: str | Path, *, device: str = "cpu") -> Any:
     _quiet()
     from transformer_lens.model_bridge import TransformerBridge
 
-    tok = load_tokenizer(d)
-    try:
+    try:  # garbage config.json / tokenizer files: the libraries raise OSError/ValueError/KeyError with long traces
+        tok = load_tokenizer(d)
         bridge = TransformerBridge.boot_transformers(str(d), tokenizer=tok, device=device)
-    except Exception as e:  # the library raises OSError/ValueError/KeyError with long traces
+    except ModelLoadError:
+        raise
+    except Exception as e:
         raise ModelLoadError(f"{d}: could not load the model: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     return bridge.eval()
 
@@ -87,11 +86,29 @@ def weights_sha256(model_dir: str | Path) -> str:
         from safetensors.torch import load_file
 
         for f in files:
-            state.update(load_file(str(f)))
+            try:  # truncated, bit-flipped header, or not safetensors at all (e.g. a pickle under that name)
+                state.update(load_file(str(f)))
+            except Exception as e:
+                raise ModelLoadError(f"{f}: unreadable safetensors file: {type(e).__name__}: {_first_line(e)}") from None
     else:
         bins = sorted(d.glob("pytorch_model*.bin"))
         if not bins:
             raise ModelLoadError(f"{d}: no weights (*.safetensors or pytorch_model*.bin)")
         for f in bins:
-            state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+            try:  # weights_only: a pickle that would run code is refused, and reported as such
+                with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing it
+                    warnings.simplefilter("ignore")
+                    state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+            except Exception as e:
+                import re
+
+                refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+                why = (f"a pickle that is not plain tensors, refused unexecuted ({refused.group(1).strip()})" if refused
+                       else f"{type(e).__name__}: {_first_line(e)}")
+                raise ModelLoadError(f"{f}: not loadable as weights (torch.load weights_only=True): {why}") from None
     return state_dict_sha256(state)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""

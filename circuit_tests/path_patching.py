@@ -26,6 +26,12 @@ recomputed from ``W_Q/W_K/W_V/W_O`` (and the model's own rotary cos/sin) and che
 ``method="hooks"`` (batched hooked forwards, same definition, slower) with a note in the result.
 Equality with the two-passes-per-sender definition is tested in ``tests/test_path_patching.py``.
 
+Model families: receivers are per *query* head. Under grouped-query attention (LLaMA family) a k/v
+receiver ``a{l}.h{h}<k>`` is query head ``h``'s own copy of the key input (the MIB convention): the fast
+engine repeats key/value weights per query head, the hooks engine runs the ungrouped equivalent model
+(``gqa.ungrouped``). Missing biases (bias-free projections) are zeros. When ``method="auto"`` falls back to
+the hooks engine, ``result.fallback`` says why (and the claim's record carries it).
+
 Conventions: the attention output bias ``b_O`` and positional embeddings stay clean (they belong to no
 head); the ``logits`` receiver of a parallel-block model (Pythia) gets no contribution from a last-layer
 sender through the same layer's MLP (that MLP does not read it).
@@ -35,13 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Sequence, cast
 
 import torch
 
+from . import names
 from .errors import GraphError
+from .gqa import head_weights, ungrouped
 from .metrics import metric_values
 
 __all__ = [
@@ -54,8 +61,6 @@ __all__ = [
 
 Head = tuple[int, int]
 Component = Literal["q", "k", "v"]
-_HEAD_RE = re.compile(r"^a(\d+)\.h(\d+)$")
-_RECEIVER_RE = re.compile(r"^a(\d+)\.h(\d+)(?:<([qkv]{1,3})>)?$")
 
 
 # ---------------------------------------------------------------------------------------------- API types
@@ -100,11 +105,11 @@ class Receivers:
             return cls.logits()
         out: set[tuple[int, int, str]] = set()
         for s in items:
-            m = _RECEIVER_RE.match(s.strip())
-            if m is None:
-                raise GraphError(f"receiver {s!r}: expected 'logits' or 'a{{L}}.h{{H}}<q|k|v>'")
-            for c in m.group(3) or "qkv":
-                out.add((int(m.group(1)), int(m.group(2)), c))
+            node, qkv = names.parse_receiver(s)
+            if node.kind != "head":
+                raise GraphError(f"receiver {s!r}: expected 'logits' alone or head inputs 'a{{L}}.h{{H}}<q|k|v>'")
+            for c in qkv or "qkv":
+                out.add((node.layer, node.head, c))  # type: ignore[arg-type]
         return cls("heads", tuple(sorted(out)))
 
     @property
@@ -124,6 +129,8 @@ class PathPatchResult:
     effects: ``[L, H]`` float64, noising-normalised ``(m_patched - m_clean) / (m_clean - m_corrupt)``;
         ``nan`` for heads that were not senders (and everywhere when ``m_clean == m_corrupt``).
     raw: ``[L, H]`` ``m_patched - m_clean`` (metric units); patched: ``[L, H]`` ``m_patched``.
+    method: the engine that produced the numbers (``fast`` or ``hooks``); fallback: when ``method="auto"``
+        fell back to ``hooks``, the reason (also in ``notes``), else None.
     ld_clean / ld_corrupt: the metric (logit difference by default) of the full model on clean / corrupted
         prompts, clean labels, averaged over the dataset.
     """
@@ -138,6 +145,7 @@ class PathPatchResult:
     n_examples: int
     method: str
     notes: list[str] = field(default_factory=list)
+    fallback: str | None = None  # why the fast engine was not used although asked for ("auto"), else None
 
     @property
     def senders(self) -> list[Head]:
@@ -247,10 +255,20 @@ def path_patch(bridge: Any, task: Any, receivers: Receivers | str | Sequence[str
     sums = torch.zeros(len(snd), dtype=torch.float64)
     clean_sum = corrupt_sum = 0.0
     used = method if method != "auto" else "fast"
+    fallback: str | None = None
     dev = _device(bridge)
     state: dict[str, Any] = {}
     with torch.no_grad():
-        W = _Weights(bridge) if used == "fast" else None
+        W = None
+        if used == "fast":
+            try:
+                W = _Weights(bridge)
+            except (AttributeError, ValueError, RuntimeError) as e:  # an attention layout this code cannot read
+                if method == "fast":
+                    raise RuntimeError(f"fast path patching cannot read this model's attention weights: {e}") from e
+                fallback = f"fast engine cannot read this model's attention weights ({type(e).__name__}: {e})"
+                notes.append(fallback + "; used batched hooked forwards")
+                used = "hooks"
         for start in range(0, N, batch_size):
             idx = torch.arange(start, min(N, start + batch_size))
             b = _Batch(task, idx, dev)
@@ -260,7 +278,8 @@ def path_patch(bridge: Any, task: Any, receivers: Receivers | str | Sequence[str
                 except _SelfCheckFailed as e:
                     if method == "fast":
                         raise RuntimeError(f"fast path patching cannot reproduce this model exactly: {e}") from e
-                    notes.append(f"fast engine self-check failed ({e}); used batched hooked forwards")
+                    fallback = f"fast engine self-check failed ({e})"
+                    notes.append(fallback + "; used batched hooked forwards")
                     used = "hooks"
             if used == "hooks":
                 vals, m_clean, m_corr = _hooks_batch(bridge, b, snd, recv, metric, max_rows)
@@ -280,7 +299,7 @@ def path_patch(bridge: Any, task: Any, receivers: Receivers | str | Sequence[str
     else:
         effects = raw / denom
     return PathPatchResult(effects=effects, raw=raw, patched=patched, ld_clean=m_clean, ld_corrupt=m_corr,
-                           receivers=recv, metric=metric, n_examples=N, method=used, notes=notes)
+                           receivers=recv, metric=metric, n_examples=N, method=used, notes=notes, fallback=fallback)
 
 
 # ---------------------------------------------------------------------------------------------- internals
@@ -293,10 +312,7 @@ class _SelfCheckFailed(Exception):
 def _head(x: Head | str) -> Head:
     """``(layer, head)`` from a pair or an ``"a{L}.h{H}"`` name."""
     if isinstance(x, str):
-        m = _HEAD_RE.match(x.strip())
-        if m is None:
-            raise GraphError(f"head {x!r}: expected 'a{{L}}.h{{H}}'")
-        return int(m.group(1)), int(m.group(2))
+        return names.parse_head(x)
     return int(x[0]), int(x[1])
 
 
@@ -327,13 +343,16 @@ class _Batch:
 
 
 class _Weights:
-    """The bridge's per-head weights, read once (the properties stack tensors on every access)."""
+    """The bridge's per-head weights, read once (the properties stack tensors on every access).
+
+    Per query head (``gqa.head_weights``): under grouped-query attention key/value weights are repeated to
+    the query heads that share them; missing biases are zeros.
+    """
 
     def __init__(self, bridge: Any) -> None:
-        self.W_Q, self.W_K, self.W_V, self.W_O = (bridge.W_Q.detach(), bridge.W_K.detach(),
-                                                  bridge.W_V.detach(), bridge.W_O.detach())
-        self.b_Q, self.b_K, self.b_V, self.b_O = (bridge.b_Q.detach(), bridge.b_K.detach(),
-                                                  bridge.b_V.detach(), bridge.b_O.detach())
+        hw = head_weights(bridge)
+        self.W_Q, self.W_K, self.W_V, self.W_O = hw.W_Q, hw.W_K, hw.W_V, hw.W_O
+        self.b_Q, self.b_K, self.b_V, self.b_O = hw.b_Q, hw.b_K, hw.b_V, hw.b_O
         self.W_U, self.b_U = bridge.W_U.detach(), bridge.b_U.detach()
         self.parallel = bool(getattr(bridge.cfg, "parallel_attn_mlp", False))
         self.d_head = int(bridge.cfg.d_head)
@@ -728,7 +747,8 @@ def _hooks_batch(bridge: Any, b: _Batch, snd: list[Head], recv: Receivers, metri
         else:
             rec_names = sorted({f"blocks.{l}.hook_{c}_input" for l, _, c in recv.heads})
         fwd = [(f"blocks.{l}.attn.hook_z", (lambda z, hook, l=l: freeze(z, hook, l))) for l in range(L)]
-        with split_qkv_inputs(bridge, recv.kind == "heads"):
+        kv_recv = any(c in ("k", "v") for _, _, c in recv.heads)
+        with split_qkv_inputs(bridge, recv.kind == "heads"), (ungrouped(bridge) if kv_recv else contextlib.nullcontext()):
             bridge.run_with_hooks(toks, fwd_hooks=fwd + [(n, (lambda x, hook, n=n: record(x, hook, n)))
                                                          for n in rec_names])
 

@@ -42,7 +42,7 @@ class ClaimSeries:
     x: list[float] = field(default_factory=list)        # steps, or 0..n-1 when some checkpoint has no step
     labels: list[str] = field(default_factory=list)     # checkpoint labels
     values: list[float | None] = field(default_factory=list)
-    outcomes: list[str] = field(default_factory=list)   # pass | fail | not_evaluated
+    outcomes: list[str] = field(default_factory=list)   # verdicts: pass | fail | not_evaluated | uncertain | error
     expected: list[str] = field(default_factory=list)   # present | absent
     threshold_min: float | None = None
     threshold_max: float | None = None
@@ -71,7 +71,7 @@ def claim_series(records: list[Record]) -> dict[tuple[str, str], list[ClaimSerie
             s.x.append(xpos[r.checkpoint])
             s.labels.append(r.checkpoint)
             s.values.append(r.value)
-            s.outcomes.append(r.outcome)
+            s.outcomes.append(r.verdict or r.measured)
             s.expected.append(r.expected)
             s.threshold_min = r.threshold_min if r.threshold_min is not None else s.threshold_min
             s.threshold_max = r.threshold_max if r.threshold_max is not None else s.threshold_max
@@ -88,6 +88,10 @@ _STYLE = {
     ("absent", "fail"): dict(marker="X", color="#c62828", label="EARLY (held before its formation step)"),
     ("present", "not_evaluated"): dict(marker="v", color="#9e9e9e", label="not evaluated"),
     ("absent", "not_evaluated"): dict(marker="v", color="#9e9e9e", label="not evaluated"),
+    ("present", "uncertain"): dict(marker="D", color="#f9a825", label="uncertain (interval straddles)"),
+    ("absent", "uncertain"): dict(marker="D", color="#f9a825", label="uncertain (interval straddles)"),
+    ("present", "error"): dict(marker="s", color="#6a1b9a", label="ERROR (checkpoint or claim could not be evaluated)"),
+    ("absent", "error"): dict(marker="s", color="#6a1b9a", label="ERROR (checkpoint or claim could not be evaluated)"),
 }
 
 
@@ -114,7 +118,7 @@ def _draw(ax, s: ClaimSeries) -> None:
     for (e, o, has), xy in groups.items():
         st = dict(_STYLE[(e, o)])
         face = st.pop("facecolors", st["color"])
-        label = st["label"] if has or o == "not_evaluated" else f"{st['label']}, no value (task not doable yet)"
+        label = st["label"] if has or o in ("not_evaluated", "error") else f"{st['label']}, no value (task not doable yet)"
         ax.scatter(*zip(*xy), marker=st["marker"] if has else "v", edgecolors=st["color"], facecolors=face, s=36,
                    zorder=3, label=label)
     if s.by_step and len(s.x) > 1 and min(s.x) >= 0:
@@ -152,7 +156,10 @@ def plot_results(records: list[Record], out_dir: str | Path) -> list[Path]:
     from matplotlib.figure import Figure
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the directory should be, a read-only parent
+        raise CircuitTestsError(f"cannot create plot directory {out}: {e.strerror or e}") from None
     paths, taken = [], set()
     for (spec_file, spec), series in claim_series(records).items():
         if all(v is None for c in series for v in c.values):
@@ -174,6 +181,9 @@ def plot_results(records: list[Record], out_dir: str | Path) -> list[Path]:
                    fontsize=8, frameon=False)
         fig.suptitle(f"{spec}  ({_short(spec_file)}; {series[0].model})", fontsize=10)
         path = out / _filename(spec, taken)
-        fig.savefig(path, dpi=110, metadata={"Software": None})
+        try:
+            fig.savefig(path, dpi=110, metadata={"Software": None})
+        except OSError as e:
+            raise CircuitTestsError(f"cannot write plot {path}: {e.strerror or e}") from None
         paths.append(path)
     return paths

@@ -3,7 +3,8 @@
 Kept thin on purpose: nothing here imports torch or transformers, so ``pytest --help`` stays fast; the
 collection and evaluation modules load on first use.
 Spec files: ``*.circuit.yaml`` / ``*.circuit.yml`` under the paths pytest is given (e.g. ``pytest specs/``).
-Records travel on the test reports (``user_properties``), so they reach the controller under pytest-xdist.
+Records travel on the call reports (an attribute, serialised by pytest-xdist), so they reach the controller
+under pytest-xdist without becoming JUnit ``<properties>`` (invalid in the default xunit2 schema).
 """
 
 from __future__ import annotations
@@ -27,15 +28,49 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="how a claim that cannot be evaluated is reported (default: skip, with the reason)")
     g.addoption("--circuit-online", action="store_true", default=False,
                 help="allow downloading hub models (default: offline; uncached hub checkpoints are not_evaluated)")
+    g.addoption("--circuit-gate", choices=("point", "ci"), default=None,
+                help="gate of claims whose spec and claim set none: point value (default) or the whole bootstrap "
+                     "interval (ci; a straddling interval is 'uncertain')")
+    g.addoption("--circuit-strict", action="store_true", default=False,
+                help="fail uncertain claims (default: skip them with the reason)")
+    g.addoption("--circuit-cache", action="store_true", default=False,
+                help="reuse a claim's result from pytest's cache when nothing it depends on changed (spec parts, "
+                     "weights sha256, task data, code, environment)")
+    g.addoption("--circuit-cache-dir", metavar="DIR", default=None,
+                help="like --circuit-cache, but keep the results in DIR (e.g. a CI cache path)")
+    g.addoption("--circuit-report", metavar="DIR", default=None,
+                help="write a self-contained HTML report (DIR/index.html): tables, plots, failures, specs, provenance")
+    g.addoption("--circuit-compare", metavar="OLD_JSON", default=None,
+                help="mark claims whose outcome flipped or whose value moved since OLD_JSON (a --circuit-json file)")
+    g.addoption("--circuit-compare-tolerance", metavar="X", type=float, default=None,
+                help="absolute value change that counts as moved (default 0.02)")
+    g.addoption("--circuit-threads", metavar="N", type=int, default=None,
+                help="torch threads while specs are evaluated (default: ini circuit_threads, else 1: deterministic "
+                     "and fast under CPU load); restored at the end of the session")
     parser.addini("circuit_spec_suffixes", "spec file suffixes to collect", type="linelist",
                   default=[".circuit.yaml", ".circuit.yml"])
+    parser.addini("circuit_threads", "torch threads while specs are evaluated (default 1)", default="1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "circuit(spec, model, task, checkpoint): a circuit claim item")
-    from .runtime import configure
+    # Nothing process-wide changes here (this plugin loads in every pytest session of the environment): the
+    # settings are applied when the first spec item runs and restored in pytest_unconfigure.
+    from .runtime import EvaluationScope, set_online
 
-    configure(online=True if config.getoption("circuit_online") else None, import_torch=False)
+    threads = config.getoption("circuit_threads", None)
+    if threads is None:
+        ini = str(config.getini("circuit_threads")).strip()
+        if not ini.isdigit():
+            raise pytest.UsageError(f"ini circuit_threads = {ini!r}: expected a positive integer")
+        threads = int(ini)
+    if threads < 1:
+        raise pytest.UsageError(f"--circuit-threads {threads}: expected a positive integer")
+    online = True if config.getoption("circuit_online") else None
+    config.circuit_scope = EvaluationScope(threads=threads, online=online)  # type: ignore[attr-defined]
+    if online:
+        set_online(True)  # hub availability is judged at collection too
+    _check_output_paths(config)
     if config.getoption("circuit_plot", None):
         from .errors import CircuitTestsError
         from .plot import require_matplotlib
@@ -44,7 +79,63 @@ def pytest_configure(config: pytest.Config) -> None:
             require_matplotlib()
         except CircuitTestsError as e:
             raise pytest.UsageError(f"--circuit-plot: {e}") from None
+    if config.getoption("circuit_cache", False) or config.getoption("circuit_cache_dir", None):
+        from .cache import DirStore, ResultCache
+
+        d = config.getoption("circuit_cache_dir", None)
+        store = DirStore(d) if d else getattr(config, "cache", None)
+        if store is None:
+            raise pytest.UsageError("--circuit-cache needs pytest's cacheprovider (drop -p no:cacheprovider) or use "
+                                    "--circuit-cache-dir DIR")
+        config.circuit_result_cache = ResultCache(store)  # type: ignore[attr-defined]
+    old = config.getoption("circuit_compare", None)
+    if old and not hasattr(config, "workerinput"):
+        from .errors import CircuitTestsError
+        from .results import read_json
+
+        try:
+            config.circuit_compare_records = read_json(old)  # type: ignore[attr-defined]
+        except CircuitTestsError as e:
+            raise pytest.UsageError(f"--circuit-compare: {e}") from None
     config.pluginmanager.register(ResultCollector(config), "circuit_tests_results")
+
+
+def _check_output_paths(config: pytest.Config) -> None:
+    """Refuse unusable output paths before anything is evaluated (not after minutes of work): a results file
+    that is a directory or lies under a file or a read-only directory, a plot directory that is a file."""
+    import os
+
+    if hasattr(config, "workerinput"):
+        return
+    path = config.getoption("circuit_json", None)
+    if path:
+        p = Path(path)
+        if p.is_dir():
+            raise pytest.UsageError(f"--circuit-json {path}: is a directory; give a file path such as {p / 'results.json'}")
+        parent = next((a for a in [p.parent, *p.parent.parents] if a.exists()), Path("."))
+        if not parent.is_dir():
+            raise pytest.UsageError(f"--circuit-json {path}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise pytest.UsageError(f"--circuit-json {path}: directory {parent} is not writable")
+    plot_dir = config.getoption("circuit_plot", None)
+    if plot_dir:
+        p = Path(plot_dir)
+        blocker = next((a for a in [p, *p.parents] if a.exists()), Path("."))
+        if not blocker.is_dir():
+            raise pytest.UsageError(f"--circuit-plot {plot_dir}: {blocker} is a file; give a directory for the PNGs")
+        if not os.access(blocker, os.W_OK | os.X_OK):
+            raise pytest.UsageError(f"--circuit-plot {plot_dir}: directory {blocker} is not writable")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Undo the evaluation settings (threads, hub mode, environment, warning filters, logger levels)."""
+    scope = getattr(config, "circuit_scope", None)
+    if scope is not None:
+        scope.restore()
+        if scope.online:
+            from .runtime import set_online
+
+            set_online(None)
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Any:
@@ -59,6 +150,8 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Any:
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     """Point skip reports (not_evaluated) at the claim's line in the spec, not at plugin code."""
     rep = yield
+    if rep.when == "call" and getattr(item, RECORD_KEY, None):
+        setattr(rep, RECORD_KEY, getattr(item, RECORD_KEY))
     where = getattr(item, "circuit_location", None)
     if where and rep.skipped and isinstance(rep.longrepr, tuple):
         rep.longrepr = (where[0], where[1], rep.longrepr[2])
@@ -73,11 +166,14 @@ class ResultCollector:
         self.raw: dict[str, None] = {}
         self._records: list[Any] = []      # parsed self.raw (which only grows), reused by JSON, plot and table
         self.plots: list[Path] = []
+        self.changes: dict[Any, Any] = {}
+        self.html: Path | None = None
+        self.notes: list[str] = []         # what happened to the output files (partial results, write errors)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for key, value in getattr(report, "user_properties", ()):
-            if key == RECORD_KEY:
-                self.raw[value] = None
+        value = getattr(report, RECORD_KEY, None)
+        if value:
+            self.raw[value] = None
 
     def records(self) -> list[Any]:
         if len(self._records) != len(self.raw):
@@ -92,20 +188,101 @@ class ResultCollector:
         from .report import table
 
         terminalreporter.section("circuit_tests")
-        terminalreporter.write_line(table(self.records()))
+        terminalreporter.write_line(table(self.records(), self.changes))
+        if self.changes:
+            from .compare import summary
+
+            for line in summary(self.changes) or ["no claim flipped or moved since the compared run"]:
+                terminalreporter.write_line(f"changed: {line}")
+        cache = getattr(self.config, "circuit_result_cache", None)
+        if cache is not None:
+            from .cache import reused
+
+            n = sum(map(reused, self.records()))
+            terminalreporter.write_line(f"cache: {n} of {len(self.records())} results reused")
         for p in self.plots:
             terminalreporter.write_line(f"plot: {p}")
+        for note in self.notes:
+            terminalreporter.write_line(note)
+        if self.html:
+            terminalreporter.write_line(f"report: {self.html}")
 
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if hasattr(self.config, "workerinput"):
             return
+        from .errors import CircuitTestsError
+
         path = self.config.getoption("circuit_json", None)
         if path:
-            from .results import write_json
-
-            write_json(self.records(), path)
+            self._write_json(session, exitstatus, path)
         plot_dir = self.config.getoption("circuit_plot", None)
         if plot_dir and self.raw:
             from .plot import plot_results
 
-            self.plots = plot_results(self.records(), plot_dir)
+            try:
+                self.plots = plot_results(self.records(), plot_dir)
+            except (CircuitTestsError, OSError) as e:
+                self._error(session, f"--circuit-plot: {e}")
+        self._ci_outputs()
+
+    def _error(self, session: pytest.Session, text: str) -> None:
+        self.notes.append(f"circuit_tests error: {text}")
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _write_json(self, session: pytest.Session, exitstatus: int, path: str) -> None:
+        """Atomic; a run that stopped early never replaces a complete file: its records go to PATH.partial.json,
+        marked ``complete: false`` with the reason."""
+        from .errors import CircuitTestsError
+        from .results import partial_path, write_json
+
+        reason = None
+        if exitstatus == pytest.ExitCode.INTERRUPTED:
+            reason = "interrupted" + (f": {session.shouldstop}" if isinstance(session.shouldstop, str) else
+                                      " (Ctrl-C or a collection error)")
+        elif exitstatus == pytest.ExitCode.INTERNAL_ERROR:
+            reason = "pytest internal error"
+        elif session.shouldfail or session.shouldstop:
+            reason = f"stopped early: {session.shouldfail or session.shouldstop}"
+        if reason is not None and not self.raw:
+            self.notes.append(f"circuit_tests: run {reason}; no results to write, {path} left as it was")
+            return
+        target = Path(path) if reason is None else partial_path(path)
+        try:
+            from .cache import run_environment
+
+            env = run_environment()  # with the code hash: merge refuses mixed code versions
+            scope = getattr(self.config, "circuit_scope", None)
+            if scope is not None:  # the threads the specs were evaluated with (also on the xdist controller)
+                env["threads"] = scope.threads
+            write_json(self.records(), target, complete=reason is None, incomplete_reason=reason, environment=env)
+        except CircuitTestsError as e:
+            self._error(session, f"--circuit-json: {e}")
+            return
+        if reason is not None:
+            self.notes.append(f"circuit_tests: run {reason}; partial results in {target} (complete: false); "
+                              f"{path} left as it was")
+
+    def _ci_outputs(self) -> None:
+        """--circuit-compare, --circuit-report and the GitHub step summary ($GITHUB_STEP_SUMMARY)."""
+        import os
+
+        if not self.raw:
+            return
+        old = getattr(self.config, "circuit_compare_records", None)
+        if old is not None:
+            from .compare import DEFAULT_TOLERANCE, compare
+
+            tol = self.config.getoption("circuit_compare_tolerance", None)
+            self.changes = compare(old, self.records(), DEFAULT_TOLERANCE if tol is None else tol)
+        report_dir = self.config.getoption("circuit_report", None)
+        if report_dir:
+            from .html_report import write_report
+
+            self.html = write_report(self.records(), report_dir, self.changes)
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:
+            from .html_report import markdown_summary
+
+            with open(step_summary, "a", encoding="utf-8") as f:
+                f.write(markdown_summary(self.records(), self.changes))

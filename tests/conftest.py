@@ -1,12 +1,25 @@
-"""Fixtures shared by the test suite (models are built once per session: they cost seconds each)."""
+"""Fixtures shared by the test suite (models are built once per session: they cost seconds each).
+
+Hypothesis profiles: ``ci`` (loaded when the environment has ``CI`` set, or with ``--hypothesis-profile=ci``) is
+derandomized (the same examples on every run: a red build is reproducible, never a flake) and prints the
+failing example's reproduction blob; locally the default profile keeps exploring new examples.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, settings
 
 from circuit_tests.runtime import configure
 
-configure()
+configure()  # this test process owns its runtime: one torch thread, offline hub (the plugin itself changes nothing)
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,10 @@
 """Slow, naive references, written straight from the definitions (tests and benchmarks compare against them).
 
 ``naive_circuit_logits``: the edge-by-edge definition of circuit evaluation.
+``ungrouped_copy``: a grouped-query-attention HF model rebuilt as the equivalent multi-head model (each
+query head gets its own copy of its key/value head's weights), as MIB evaluates GQA models
+(TransformerLens ``ungroup_grouped_query_attention=True``). The naive references run on that copy, where
+every q/k/v input is per query head by construction: independent of the library's ``gqa.ungrouped``.
 
 For every receiver slot (each head's q/k/v input, each MLP input, the logits) it rebuilds the input from
 scratch in a Python loop over its upstream senders: ``x - Σ_s h_s(current) + Σ_s (h_s(current) if (s→r) ∈ C
@@ -20,6 +24,27 @@ from circuit_tests.metrics import metric_values
 from circuit_tests.path_patching import split_qkv_inputs
 
 
+def ungrouped_copy(hf_model):
+    """The multi-head equivalent of a grouped-query HF model (LLaMA family), built from its config and
+    state dict (call before the original is wrapped in a bridge: wrapping mutates it). Query head ``h``
+    reads key/value head ``h // (n_heads // n_kv_heads)``, as ``repeat_kv`` does."""
+    import copy
+
+    cfg = copy.deepcopy(hf_model.config)
+    H, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    G = H // kv
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    cfg.num_key_value_heads = H
+    state = {}
+    for k, v in hf_model.state_dict().items():
+        if k.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
+            v = v.reshape(kv, d_head, *v.shape[1:]).repeat_interleave(G, 0).reshape(H * d_head, *v.shape[1:])
+        state[k] = v.clone()
+    out = type(hf_model)(cfg).to(next(hf_model.parameters()).dtype)
+    out.load_state_dict(state)
+    return out.eval()
+
+
 def _sender_hooks(graph):
     L, H = graph.n_layers, graph.n_heads
     return ["hook_embed"] + [f"blocks.{l}.attn.hook_result" for l in range(L)] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
@@ -37,6 +62,9 @@ def _split(graph, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def naive_circuit_logits(bridge, task, circuit: Circuit, ablation: str = "corrupted") -> torch.Tensor:
     g = circuit.graph
+    kv = getattr(bridge.cfg, "n_key_value_heads", None)
+    if kv and kv != bridge.cfg.n_heads:
+        raise ValueError("naive_circuit_logits needs per-query-head k/v inputs: run it on ungrouped_copy(hf_model)")
     bridge.set_use_attn_result(True)
     bridge.set_use_split_qkv_input(True)
     bridge.set_use_hook_mlp_in(True)
@@ -109,6 +137,9 @@ def naive_path_patch(bridge, task, recv, senders, metric: str = "logit_diff", ti
     m_corrupt). ``timings`` (optional) receives ("cache", wall, cpu) and then (sender, wall, cpu) per sender.
     """
     L = bridge.cfg.n_layers
+    kv = getattr(bridge.cfg, "n_key_value_heads", None)
+    if any(c in ("k", "v") for _, _, c in recv.heads) and kv and kv != bridge.cfg.n_heads:
+        raise ValueError("naive_path_patch needs per-query-head k/v inputs: run it on ungrouped_copy(hf_model)")
     rows = torch.arange(len(task))
     m = lambda lg: float(metric_values(metric, lg[rows, task.end], task.targets, task.signs).mean())  # noqa: E731
 

@@ -90,7 +90,7 @@ def test_dangling_nodes_are_linted():
 def test_mib_json_round_trip():
     g = Graph(3, 2, True)
     c = resolve_circuit(g, {}, [], ["input->a0.h1<v>", "a0.h1->a2.h0<k>", "a2.h0->logits"], "edge")
-    data = circuit_to_json(c)
+    data = circuit_to_json(c, d_model=32)
     assert len(data["edges"]) == g.n_edges and data["edges"]["a0.h1->a2.h0<k>"]["in_graph"] is True
     assert data["nodes"]["a0.h1"]["in_graph"] and not data["nodes"]["a1.h0"]["in_graph"]
     assert circuit_from_json(g, data).edges == c.edges

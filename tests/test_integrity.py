@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from circuit_tests import sources
+from circuit_tests.errors import ModelLoadError
 from circuit_tests.integrity import duplicate_reason, find_duplicates, weights_hashes
 from circuit_tests.sources import CheckpointRef, resolve_checkpoints
 
@@ -90,11 +91,61 @@ def test_order_of_refs_decides_the_original():
     assert find_duplicates(refs, {}) == {}
 
 
-def test_manifest_hints_take_part(tmp_path):
-    refs = [CheckpointRef(label="step0", step=0, kind="zoo", location=str(tmp_path / "a"), sha256_hint="c" * 64),
-            CheckpointRef(label="step1", step=1, kind="zoo", location=str(tmp_path / "b"), sha256_hint="c" * 64)]
-    assert weights_hashes(refs) == {"step0": "c" * 64, "step1": "c" * 64}
-    assert find_duplicates(refs, weights_hashes(refs)) == {"step1": "step0"}
+def test_manifest_hash_is_verified_not_trusted(run_dir, tmp_path):
+    """A zoo manifest's sha256 is what the weights must hash to: a match passes, anything else is an error that
+    names the file (never a silently different model), and an unreadable file is an error too."""
+    d = run_dir / "step0"
+    real = CheckpointRef(label="step0", step=0, kind="local", location=str(d)).weights_sha256()
+    ok = CheckpointRef(label="step0", step=0, kind="zoo", location=str(d), sha256_hint=real)
+    assert ok.weights_sha256() == real
+    bad = CheckpointRef(label="step1", step=1, kind="zoo", location=str(run_dir / "step2"), sha256_hint=real)
+    with pytest.raises(ModelLoadError, match=r"step2/model.safetensors: sha256 mismatch with manifest"):
+        bad.weights_sha256()
+    assert weights_hashes([ok, bad]) == {"step0": real}  # the tampered one is no original
+
+
+def test_hashes_persist_in_a_store_keyed_by_file_identity(run_dir, tmp_path, monkeypatch):
+    """With a store (pytest's config.cache in the plugin) a later process reuses the hash; touching the file
+    (size or mtime change) makes it hash again."""
+    import os
+
+    import circuit_tests.models as models
+
+    store: dict = {}
+    kv = type("KV", (), {"get": lambda self, k, d: store.get(k, d), "set": lambda self, k, v: store.__setitem__(k, v)})()
+    ref = resolve_checkpoints("run", None, [2], tmp_path)[0]
+    first = ref.weights_sha256(kv)
+    assert list(store.values()) == [first]
+    monkeypatch.setattr(sources, "_HASHES", {})  # a new process: only the store remembers
+    monkeypatch.setattr(models, "weights_sha256", lambda d: pytest.fail("hashed although the store has it"))
+    assert ref.weights_sha256(kv) == first
+    f = run_dir / "step2" / "model.safetensors"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    monkeypatch.setattr(models, "weights_sha256", lambda d: "e" * 64)
+    assert ref.weights_sha256(kv) == "e" * 64 and len(store) == 2
+
+
+def test_duplicate_finder_is_lazy_and_isolates_unreadable_checkpoints(run_dir, tmp_path):
+    """Only the checkpoints asked about (and earlier candidates, until a match) are hashed; an unreadable earlier
+    checkpoint neither breaks the others nor counts as an original."""
+    from circuit_tests.integrity import DuplicateFinder
+
+    (run_dir / "step1" / "model.safetensors").write_bytes(b"\x00" * 7)  # truncated
+    refs = resolve_checkpoints("run", None, None, tmp_path)
+    hashed: list[str] = []
+
+    def spy(ref):
+        hashed.append(ref.label)
+        return ref.weights_sha256()
+
+    finder = DuplicateFinder(refs, hash_fn=spy)
+    assert finder.original_of(refs[2]) is None and hashed == ["step2", "step0", "step1"]
+    with pytest.raises(ModelLoadError, match=r"step1/model.safetensors: unreadable safetensors file"):
+        finder.sha256(refs[1])
+    assert finder.original_of(refs[3]) == "step0" and hashed == ["step2", "step0", "step1", "step3"]
+    finder2 = DuplicateFinder(refs, hash_fn=spy)
+    hashed.clear()
+    assert finder2.original_of(refs[0]) is None and hashed == ["step0"]  # the first checkpoint needs only itself
 
 
 @pytest.fixture(autouse=True)

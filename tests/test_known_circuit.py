@@ -72,4 +72,4 @@ def test_true_circuit_passes_and_head_less_variants_fail(pytester, tmp_path):
     early = {"previous_token": roles["previous_token"], "induction": roles["induction"]}
     r, recs = run(pytester, "early", early, tmp_path)
     r.assert_outcomes(passed=1, failed=1)
-    assert recs["step2400"]["outcome"] == "pass" and recs["step3000"]["outcome"] == "fail"
+    assert recs["step2400"]["outcome"] == "passed" and recs["step3000"]["outcome"] == "failed"

@@ -7,13 +7,14 @@ import pytest
 
 from circuit_tests.errors import CircuitTestsError
 from circuit_tests.plot import claim_series, plot_results, require_matplotlib
-from circuit_tests.results import Record, read_json, write_json
+from circuit_tests.results import Record, pytest_outcome, read_json, write_json
 
 
 def rec(claim, checkpoint, step, value, outcome="pass", expected="present", line=10, spec="toy", spec_file="a.circuit.yaml",
         tmin=0.5):
     return Record(spec=spec, spec_file=spec_file, line=line, model="zoo:toy", checkpoint=checkpoint, step=step,
-                  claim=claim, claim_type="faithfulness", outcome=outcome, measured=outcome, expected=expected,
+                  claim=claim, claim_type="faithfulness", outcome=pytest_outcome(outcome, expected), measured=outcome,
+                  verdict=outcome, expected=expected,
                   value=value, threshold_min=tmin)
 
 
@@ -76,7 +77,11 @@ def test_read_json_round_trip_and_errors(tmp_path):
     bad = tmp_path / "bad.json"
     for text, msg in (("{not json", "not a circuit_tests results file"), ('{"a": 1}', "no 'records'"),
                       ('{"schema_version": 99, "records": []}', "schema version 99"),
-                      ('{"schema_version": 1, "records": [{"spec": "x"}]}', "malformed record")):
+                      ('{"schema_version": 1, "records": []}', "schema version 1, this circuit_tests reads 2"),
+                      ('{"schema_version": 2, "records": [{"spec": "x"}]}', "malformed results file: "),
+                      ('{"schema_version": 2, "complete": true, "incomplete_reason": null, "counts": {}, '
+                       '"environment": {}, "records": [{"spec": "x"}]}', r"malformed results file: records\.0\.spec_file: "
+                       "Field required"), ("[1, 2", "not a circuit_tests results file"), ("", "not a circuit_tests")):
         bad.write_text(text)
         with pytest.raises(CircuitTestsError, match=msg):
             read_json(bad)

@@ -111,11 +111,15 @@ def test_items_ids_outcomes_table_and_json(pytester, random_model_dir):
     outcomes = r.parseoutcomes()
     assert outcomes.get("passed", 0) == 0 and outcomes.get("failed", 0) == 0
     data = json.loads(out.read_text())
-    assert data["schema_version"] == 1 and len(data["records"]) == 6
+    assert data["schema_version"] == 2 and len(data["records"]) == 6 and data["complete"] is True
+    # the file's counts and the table's are pytest's own: 1 xfailed (step0 ratio, absent as declared), 5 skipped
+    assert data["counts"] == {"passed": 0, "failed": 0, "xfailed": outcomes["xfailed"], "skipped": outcomes["skipped"]}
+    assert f"{outcomes['xfailed']} xfailed, {outcomes['skipped']} skipped" in text
     env = data["environment"]      # what bit-for-bit agreement with another run depends on
     assert env["threads"] == 1 and env["cpu_capability"] and env["torch"] and env["transformers"]
     by = {(x["checkpoint"], x["claim"]): x for x in data["records"]}
-    assert by[("step20", "ratio")]["duplicate_of"] == "step10" and by[("step20", "ratio")]["outcome"] == "not_evaluated"
+    assert by[("step20", "ratio")]["duplicate_of"] == "step10" and by[("step20", "ratio")]["outcome"] == "skipped"
+    assert by[("step20", "ratio")]["measured"] == "not_evaluated" and by[("step0", "ratio")]["outcome"] == "xfailed"
     assert by[("step0", "faithfulness")]["weights_sha256"] and by[("step0", "faithfulness")]["m_M"] is not None
     assert by[("step0", "ratio")]["expected"] == "absent"
 

@@ -44,11 +44,12 @@ def test_gpt2_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_hf
     assert set(recs) == {"faithfulness", "name_movers_copy", "negative_name_movers_suppress", "s_inhibition_to_name_mover_queries"}
     assert all(x["checkpoint"] == "main" and x["weights_sha256"] for x in recs.values())
     # a random-init model cannot do IOI: faithfulness and path ratios are not evaluated, never passed
-    assert recs["faithfulness"]["outcome"] == "not_evaluated" and "cannot do the task" in recs["faithfulness"]["reason"]
-    assert recs["s_inhibition_to_name_mover_queries"]["outcome"] == "not_evaluated"
+    assert recs["faithfulness"]["measured"] == "not_evaluated" and "cannot do the task" in recs["faithfulness"]["reason"]
+    assert recs["s_inhibition_to_name_mover_queries"]["measured"] == "not_evaluated"
+    assert recs["faithfulness"]["outcome"] == "skipped"
     # role scores are computed on every named head (random weights: measured, and below the paper's values)
     per_head = recs["name_movers_copy"]["extra"]["per_head"]
-    assert set(per_head) == {"a9.h6", "a9.h9", "a10.h0"} and recs["name_movers_copy"]["outcome"] == "fail"
+    assert set(per_head) == {"a9.h6", "a9.h9", "a10.h0"} and recs["name_movers_copy"]["measured"] == "fail"
 
 
 def test_pythia_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_hf_home, tmp_path):
@@ -61,7 +62,7 @@ def test_pythia_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_
     assert set(recs["s_inhibition_three_conditions"]["extra"]["per_head"]) == {"a6.h6", "a7.h2", "a7.h9"}
     assert set(recs["copy_suppression_negative_copy"]["extra"]["per_head"]) == {"a8.h9"}
     # random weights cannot copy names into the top 5 of 50,304 tokens
-    assert recs["name_movers_copy"]["outcome"] == "fail"
+    assert recs["name_movers_copy"]["measured"] == "fail" and recs["name_movers_copy"]["outcome"] == "failed"
 
 
 @pytest.mark.parametrize("spec, n_items, repo, fetch", [

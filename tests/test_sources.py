@@ -444,10 +444,13 @@ def test_zoo_resolution(fake_zoo, tmp_path):
         resolve_checkpoints("zoo:induction-2l", "main", None, tmp_path, zoo_root=fake_zoo)
 
 
-def test_zoo_manifest_hash_is_used_without_reading_weights(fake_zoo, tmp_path):
+def test_zoo_manifest_hash_is_read_and_verified(fake_zoo, tmp_path):
     ref = resolve_checkpoints("zoo:ioi-4l", None, None, tmp_path, zoo_root=fake_zoo)[0]
-    assert ref.weights_sha256() == "ab" * 32  # the fake weights file is empty: hashing it would fail
+    assert ref.sha256_hint == "ab" * 32
+    with pytest.raises(ModelLoadError, match="unreadable safetensors file"):  # verified: the weights are read
+        ref.weights_sha256()                                                 # (the fake file is empty)
     assert sources._manifest_hashes({"steps": [{"step": "step5", "sha256": "cd" * 32}, {"step": 6}]}) == {5: "cd" * 32}
+    assert sources._manifest_hashes({"steps": [0, 5], "checkpoints": [{"step": 5, "sha256": "cd" * 32}]}) == {5: "cd" * 32}
 
 
 def test_zoo_manifest_hashes_are_all_or_nothing(fake_zoo, tmp_path):

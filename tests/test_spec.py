@@ -240,3 +240,154 @@ def test_readme_spec_example_is_valid(tmp_path):
     loaded = load_spec(write(tmp_path, example))
     config = json.loads((checkpoint_dirs("ioi")[-1][1] / "config.json").read_text())
     assert circuit_for(loaded, Graph.from_hf_config(config)).nodes >= {"a0.h1", "a2.h0", "a1.h1"}
+
+
+# ---------------------------------------------------------------------------------------------- one name grammar
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.sampled_from(["q", "k", "v", None]))
+def test_names_format_and_parse_round_trip(layer, head, qkv):
+    from circuit_tests import names
+
+    h = names.head_name(layer, head)
+    assert names.parse_head(h) == (layer, head) and str(names.parse_node(h)) == h
+    assert str(names.parse_node(names.mlp_name(layer))) == f"m{layer}"
+    node, got = names.parse_receiver(names.receiver_name(h, qkv))
+    assert (str(node), got) == (h, qkv)
+    s, r, q = names.parse_edge(names.edge_name(names.mlp_name(layer), names.receiver_name(h, qkv)))
+    assert (str(s), str(r), q) == (f"m{layer}", h, qkv)
+
+
+def test_every_parser_shares_the_grammar():
+    """graph, path patching and role-score measures reject what the spec rejects (they used to disagree:
+    one accepted <qk>, one accepted a00.h03 and then dropped it)."""
+    from circuit_tests import names
+    from circuit_tests.errors import GraphError
+    from circuit_tests.graph import Graph
+    from circuit_tests.measures import _head
+    from circuit_tests.path_patching import Receivers
+
+    g = Graph(3, 4, parallel=False)
+    for bad in ("a00.h1", "a\uff11.h2", "a1.h2 ", "A1.H2"):
+        with pytest.raises(GraphError, match="did you mean"):
+            g.check_node(bad)
+        with pytest.raises(GraphError, match="did you mean"):
+            _head(bad)
+        with pytest.raises(GraphError):
+            g.parse_edge(f"input->{bad}")
+    with pytest.raises(GraphError, match="a1.h2<q> and a1.h2<k>"):
+        Receivers.parse(["a1.h2<qk>"])
+    assert Receivers.parse(["a1.h2<q>", "a1.h3"]).heads == ((1, 2, "q"), (1, 3, "k"), (1, 3, "q"), (1, 3, "v"))
+    assert g.parse_edge("a0.h1 -> a1.h2<k>") == [("a0.h1", "a1.h2<k>")]
+    with pytest.raises(GraphError, match="receives nothing"):
+        names.parse_receiver("input")
+    with pytest.raises(GraphError, match="logits sends to nothing"):
+        g.parse_edge("logits->m2")
+
+
+# ---------------------------------------------------------------------------------------------- schema, CLI
+
+def test_schema_names_every_task_and_its_parameters():
+    from circuit_tests.tasks import TASKS
+
+    schema = json_schema()
+    task = schema["properties"]["task"]
+    assert task["discriminator"]["propertyName"] == "name"
+    assert set(task["discriminator"]["mapping"]) == set(TASKS)
+    for name, t in TASKS.items():
+        variant = schema["$defs"][f"Task_{name}"]
+        assert variant["properties"]["name"]["const"] == name and variant["additionalProperties"] is False
+        assert set(t.params.model_fields) | {"name", "batch_size", "prepend_bos"} == set(variant["properties"])
+
+
+def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
+    from circuit_tests.cli import main
+
+    bad = write(tmp_path, VALID.replace("[a0.h1]", "[a00.h1]"))
+    assert main(["scores", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"circuit-tests: error: {re.escape(str(bad))}:12:\d+: .*did you mean 'a0.h1'", err[0])
+    assert main(["scores", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read spec file" in capsys.readouterr().err
+    (tmp_path / "r.json").write_text('{"records": [')
+    assert main(["plot", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("circuit-tests: error: ")
+
+
+def test_shipped_specs_validate_against_the_committed_schema():
+    """What editors see (spec.schema.json) accepts every shipped spec and rejects a misspelt task parameter."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    validator = jsonschema.Draft202012Validator(json.loads((root / "spec.schema.json").read_text()))
+    specs = sorted((root / "specs").rglob("*.circuit.yaml"))
+    assert specs
+    for p in specs:
+        data = yaml.safe_load(p.read_text())
+        assert not list(validator.iter_errors(data)), p
+        load_spec(p)  # and the loader agrees
+    data = yaml.safe_load(specs[0].read_text())
+    data["task"]["sizee"] = 3
+    assert list(validator.iter_errors(data))
+
+
+README_BAD_IOI = """\
+name: ioi-zoo
+model:
+  source: zoo:ioi
+  checkpoints: "0-100000000000:1"
+task:
+  name: ioi
+  size: 64
+  seed: 0
+  batch_size: 32
+  corruptoin: s2_io_flip
+circuit:
+  roles:
+    copy_suppression: [a00.h1, a2.h0, a2.h1]
+    name_mover: [a1.h0, a1.h1, a1.h3]
+claims:
+  - type: faithfulness
+    normalization: normalized
+    min: "0.8"
+  - type: role_score
+    role: copy_suppression
+    min: 0.4
+"""
+README_BAD_TASK = """\
+name: x
+model: {source: zoo:induction}
+task: {name: induction, size: 8}
+circuit:
+  roles:
+    name_mover: [a1.h0]
+claims:
+  - {type: role_score, role: name_mover, min: 40}
+"""
+
+
+def test_readme_error_examples_are_what_the_loader_says(tmp_path):
+    """The README's error block shows real messages: these files reproduce them verbatim (structure errors
+    first; once fixed, the task-parameter and cross-checks)."""
+    from pathlib import Path
+
+    from circuit_tests.spec import loads_spec
+
+    def said(text, name):
+        try:
+            loads_spec(text, name)
+        except SpecError as e:
+            return str(e).splitlines()
+        return []
+
+    out = said(README_BAD_IOI, "ioi.circuit.yaml")
+    fixed = README_BAD_IOI.replace("a00.h1", "a0.h1").replace('"0.8"', "0.8").replace('"0-100000000000:1"', "all")
+    out += said(fixed, "ioi.circuit.yaml") + said(README_BAD_TASK, "task.circuit.yaml")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = [ln for ln in readme.splitlines() if re.match(r"^(ioi|task)\.circuit\.yaml:\d+:\d+: ", ln)]
+    reproduced = [ln for ln in shown if ln in out]
+    assert len(reproduced) == len(out) >= 6, (shown, out)
+    for ln in out:
+        assert ln in shown, f"loader message not in the README example block: {ln}"

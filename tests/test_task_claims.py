@@ -4,6 +4,7 @@ on a random-init model whose word-level tokenizer covers all the word lists."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -72,9 +73,10 @@ def test_task_runs_through_faithfulness_claims(spec_dir, task):
         # the engine ran: every number behind the claim is there and finite, and the outcome is decided
         assert rec.m_M is not None and rec.m_C is not None and rec.m_Mprime is not None, rec
         assert rec.n_examples == 8, rec
-        if rec.outcome == "not_evaluated":  # a random model may prefer the wrong answer: never a pass then
-            assert "cannot do the task" in rec.reason and rec.value is None
+        if rec.measured == "not_evaluated":  # a random model may prefer the wrong answer: never a pass then
+            assert "cannot do the task" in rec.reason and rec.value is None and rec.outcome == "skipped"
         else:
-            assert rec.outcome in ("pass", "fail") and rec.value == rec.value
+            assert rec.measured in ("pass", "fail") and math.isfinite(rec.value), rec
+            assert rec.outcome == {"pass": "passed", "fail": "failed"}[rec.measured]
             if loaded.spec.claims[i].max_kl is not None:
                 assert rec.kl is not None and rec.kl >= 0

@@ -374,6 +374,31 @@ def test_greater_than_structure(tok):
     assert len(yys) == min(48, len({y % 100 for y in valid}))
 
 
+def test_greater_than_every_yy_bucket_at_any_size_from_its_count(word_tok):
+    """Issue 14: the YY thresholds used to be walked in sorted order (size 64 only saw 02..65). Every bucket
+    (an independent recomputation from Hanna's valid years) appears once size reaches the bucket count, and a
+    smaller size samples the whole 02..98 range, not its low end."""
+    buckets = {y % 100 for y in hanna_valid_years(word_tok)}
+    n = len(buckets)
+    for size in (n, n + 7, 2 * n + 3):
+        data = build_task("greater_than", word_tok, {"size": size, "seed": size})
+        assert {gt_yy(t) for t in data.clean_text} == buckets, size
+    for size in (16, 64):
+        yys = sorted(gt_yy(t) for t in build_task("greater_than", word_tok, {"size": size}).clean_text)
+        assert len(set(yys)) == size
+        lo, hi = min(buckets), max(buckets)
+        quarter = (hi - lo) / 4
+        assert yys[0] < lo + quarter and yys[-1] > hi - quarter, (size, yys)  # both ends of the range
+        for q in range(4):  # and every quarter of it
+            assert any(lo + q * quarter <= y <= lo + (q + 1) * quarter for y in yys), (size, q, yys)
+
+
+def test_greater_than_bucket_order_is_seeded(word_tok):
+    a = build_task("greater_than", word_tok, {"size": 16, "seed": 1}).clean_text
+    assert build_task("greater_than", word_tok, {"size": 16, "seed": 1}).clean_text == a
+    assert build_task("greater_than", word_tok, {"size": 16, "seed": 2}).clean_text != a
+
+
 def test_greater_than_skips_years_that_merge(bpe_tok):
     all_years = set(range(1100, 1800))
     valid = set(hanna_valid_years(bpe_tok))

@@ -313,3 +313,177 @@ def test_cli_zoo_train_reports_reproduction(tmp_path, monkeypatch, capsys, drift
         assert rc == 1 and "NOT reproduced" in out and "induction_score at step 3000" in out
     else:
         assert rc == 0 and "bit-identical to the shipped checkpoints" in out
+
+
+# --------------------------------------------------------------------------- re-analysis of shipped checkpoints
+# The analysis (circuit_tests/zoo/analysis.py) now reduces attention patterns through scores.mean_attention in
+# float64 (it summed float32 before), reads head weights through gqa.head_weights and patches through the
+# engine's hook functions. The manifests record every number rounded to 4 decimals; re-analysis must give them
+# back to within one unit of that last printed place (ANALYSIS_TOL), and the same role heads / holds_from exactly.
+ANALYSIS_TOL = 1e-4 + 1e-9
+
+
+def _reanalyze_steps(name, steps):
+    from circuit_tests.names import parse_head
+    from circuit_tests.zoo import train as T
+
+    man = zoo.load_manifest(name)
+    recipe = T.RECIPES[name]
+    ev = T._eval_sets(recipe, T.build_tokenizer(recipe))
+    recv = [parse_head(h) for h in man["analysis"].get("s_inhibition_receivers", [])] or None
+    root = zoo.checkpoint_dirs(name)[0][1].parent
+    return man, [{"step": s, **T._measure(recipe, root / f"step{s}", ev, recv)} for s in steps]
+
+
+def _assert_close(got, want, where):
+    if isinstance(want, dict):
+        assert set(got) == set(want), f"{where}: keys {sorted(set(got) ^ set(want))}"
+        for k in want:
+            _assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, str):
+        assert got is not None and abs(got - want) <= ANALYSIS_TOL, f"{where}: {got} vs manifest {want}"
+    else:
+        assert got == want, f"{where}: {got!r} vs manifest {want!r}"
+
+
+@pytest.mark.parametrize("name", ["induction", "ioi"])
+def test_reanalysis_reproduces_final_checkpoint(name):
+    """Every recorded score grid and metric of the final checkpoint (IOI: attention, DLA, copy score through
+    gqa.head_weights, head patching, S-inhibition path patching) comes back from the shared primitives."""
+    man = zoo.load_manifest(name)
+    want = man["checkpoints"][-1]
+    _, (got,) = _reanalyze_steps(name, [want["step"]])
+    _assert_close(got["metrics"], want["metrics"], f"{name}.metrics")
+    _assert_close(got["heads"], want["heads"], f"{name}.heads")
+    if "name_mover_receivers" in want:
+        assert got["name_mover_receivers"] == want["name_mover_receivers"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_reanalysis_reproduces_manifest_roles(name):
+    """Re-measuring every shipped checkpoint gives the manifest's analysis: the same role heads, holds_from and
+    best heads, with scores and trajectories within ANALYSIS_TOL (greater-than also its MLP effects; IOI with
+    the manifest's recorded S-inhibition receivers)."""
+    from circuit_tests.zoo.train import _roles
+
+    man = zoo.load_manifest(name)
+    _, per_step = _reanalyze_steps(name, man["steps"])
+    _assert_close(_roles(name, per_step), man["analysis"]["roles"], f"{name}.roles")
+    if "mlps" in man["analysis"]:
+        _assert_close(per_step[-1]["mlps"], man["analysis"]["mlps"], f"{name}.mlps")
+
+
+def test_mean_attention_matches_naive_loops():
+    """scores.mean_attention (shared by the role scores and the zoo analysis) against explicit loops."""
+    import torch
+
+    from circuit_tests.scores import mean_attention
+
+    g = torch.Generator().manual_seed(0)
+    pat = torch.rand(3, 2, 6, 6, generator=g)
+    q, k = torch.arange(1, 6), torch.arange(0, 5)
+    naive = [sum(float(pat[b, h, i, j]) for b in range(3) for i, j in zip(q, k)) / 15 for h in range(2)]
+    assert torch.allclose(mean_attention(pat, q, k), torch.tensor(naive, dtype=torch.float64))
+    w = (torch.rand(3, 5, generator=g) > 0.3).float()
+    naive = [sum(float(pat[b, h, i, j] * w[b, n]) for b in range(3) for n, (i, j) in enumerate(zip(q, k)))
+             / float(w.sum()) for h in range(2)]
+    assert torch.allclose(mean_attention(pat, q, k, weight=w), torch.tensor(naive, dtype=torch.float64))
+    rows, qq, kk = torch.arange(3), torch.tensor([5, 4, 3]), torch.tensor([1, 0, 2])
+    naive = [sum(float(pat[b, h, qq[b], kk[b]]) for b in range(3)) / 3 for h in range(2)]
+    assert torch.allclose(mean_attention(pat, qq, kk, rows=rows), torch.tensor(naive, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- `circuit-tests scores` bad input
+def _scores_spec(tmp_path, heads="[a1.h0, a9.h0]", config=None):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(zoo.checkpoint_dirs("induction")[-1][1], model)
+    if config is not None:
+        (model / "config.json").write_text(config)
+    spec = tmp_path / "s.circuit.yaml"
+    spec.write_text("name: bad-input\nmodel:\n  source: model\ntask:\n  name: induction\n  size: 8\n  seq_len: 10\n"
+                    f"circuit:\n  roles:\n    previous_token: [a0.h3]\n    induction: {heads}\n"
+                    "claims:\n  - type: faithfulness\n    normalization: normalized\n    min: 0.5\n")
+    return spec
+
+
+def _run_cli(argv, capsys):
+    from circuit_tests.cli import main
+
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.err
+
+
+def test_cli_scores_out_of_range_head_is_located_error(tmp_path, capsys):
+    """A head the model does not have is an error at its file:line naming the valid range, never dropped."""
+    spec = _scores_spec(tmp_path)
+    rc, err = _run_cli(["scores", str(spec)], capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"{spec}:11:" in lines[0] and "a9.h0" in lines[0], err
+    assert "model has layers 0-1, heads 0-3" in lines[0], err
+    rc, err = _run_cli(["scores", str(_scores_spec(tmp_path / "h", heads="[a1.h7]"))], capsys)
+    assert rc == 2 and "a1.h7: no head 7; model has layers 0-1, heads 0-3" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("config", ['{"garbage', "[1, 2]"])
+def test_cli_scores_garbage_config_is_clean_error(tmp_path, capsys, config):
+    spec = _scores_spec(tmp_path, heads="[a1.h0]", config=config)
+    rc, err = _run_cli(["scores", str(spec)], capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("circuit-tests: error:") and str(tmp_path / "model") in lines[0], err
+
+
+def test_analysis_on_bias_free_gqa_model(tmp_path):
+    """The zoo analysis on a LLaMA-style model (no attention biases, 2 query heads per key/value head): the copy
+    score reads per-query-head weights (it read ``b_V`` / ``W_V[l, h]`` directly before, which fails on such
+    models) and equals a recomputation from the HF projection matrices (head h uses v_proj block h // 2)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from circuit_tests.models import load_bridge
+    from circuit_tests.zoo import analysis as A
+    from circuit_tests.zoo import train as T
+
+    recipe = T.RECIPES["ioi"]
+    tok = T.build_tokenizer(recipe)
+    sets = T._eval_sets(recipe, tok)
+    ev = {k: (v[:40] if torch.is_tensor(v) and v.ndim and len(v) == len(sets["ev"]["END"]) else v)
+          for k, v in sets["ev"].items()}
+    torch.manual_seed(0)
+    L, H, KV, d, dh = 2, 4, 2, 32, 8
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=64, num_hidden_layers=L,
+                      num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=64,
+                      attention_bias=False, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    got = A.ioi_step(tmp_path, ev, sets["heldout"][:8])["heads"]["copy"]
+    assert len(got) == L * H and any(v > 0 for v in got.values()), got  # not a vacuous all-zero grid
+
+    b = load_bridge(tmp_path)
+    ar = torch.arange(len(ev["END"]))
+    names = torch.unique(torch.cat([ev["io"], ev["s"]]))
+    W_U, gain = hf.lm_head.weight.detach().T, hf.model.norm.weight.detach()
+    with torch.no_grad():
+        _, cache = b.run_with_cache(ev["clean"], names_filter=lambda n: n.endswith("ln1.hook_normalized"))
+    for l in range(L):
+        attn = hf.model.layers[l].self_attn
+        xn = cache[f"blocks.{l}.ln1.hook_normalized"][ar, ev["IO"]]
+        for h in range(H):
+            Wv = attn.v_proj.weight.detach().view(KV, dh, d)[h // (H // KV)]      # [dh, d]
+            Wo = attn.o_proj.weight.detach()[:, h * dh:(h + 1) * dh]               # [d, dh]
+            o = xn @ Wv.T @ Wo.T
+            o = (o - o.mean(-1, keepdim=True)) / o.std(-1, keepdim=True, unbiased=False).clamp_min(1e-6) * gain
+            want = float((names[(o @ W_U[:, names]).argmax(-1)] == ev["io"]).float().mean())
+            assert got[f"a{l}.h{h}"] == round(want, 4), (l, h)

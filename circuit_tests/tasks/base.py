@@ -53,13 +53,18 @@ class TaskData:
         )
 
 
-class TaskParams(BaseModel):
-    """Base of every task's parameter model: unknown keys are spec errors."""
+MAX_SIZE = 100_000  # examples per task: a spec's dataset is built in memory at collection time
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    size: int = Field(64, ge=1)
-    seed: int = 0
-    min_size: int | None = Field(None, ge=1)  # fewer surviving examples than this is a TaskError (default: size)
+
+class TaskParams(BaseModel):
+    """Base of every task's parameter model: unknown keys are spec errors; numbers are real numbers (no
+    ``"64"``, no ``true``, no NaN) and sizes are bounded, so a typo cannot ask for unbounded work."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    size: int = Field(64, ge=1, le=MAX_SIZE, description="number of examples")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the example sampling")
+    min_size: int | None = Field(None, ge=1, le=MAX_SIZE, description="fewer surviving examples than this is an "
+                                                                      "error (default: size)")
 
     @model_validator(mode="after")
     def _min_size_at_most_size(self):
@@ -89,16 +94,21 @@ class TaskSpec:
     default_metric: str
     build: Builder
     doc: str = ""
+    positions: tuple[str, ...] | None = None  # named positions every example has (None: not declared)
 
 
 TASKS: dict[str, TaskSpec] = {}
 
 
-def register(name: str, params: type[TaskParams], default_metric: str, doc: str = "") -> Callable[[Builder], Builder]:
-    """Decorator: ``@register("ioi", IOIParams, "logit_diff")`` on ``build(tokenizer, params, ctx) -> TaskData``."""
+def register(name: str, params: type[TaskParams], default_metric: str, doc: str = "",
+             positions: tuple[str, ...] | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: ``@register("ioi", IOIParams, "logit_diff", positions=("IO", "S1", "S2", "END"))`` on
+    ``build(tokenizer, params, ctx) -> TaskData``. ``positions`` lets the spec check, before any model is
+    loaded, that a role score which reads positions (name_mover reads IO/S1/S2) fits the task."""
 
     def deco(fn: Builder) -> Builder:
-        TASKS[name] = TaskSpec(name=name, params=params, default_metric=default_metric, build=fn, doc=doc or (fn.__doc__ or ""))
+        TASKS[name] = TaskSpec(name=name, params=params, default_metric=default_metric, build=fn,
+                               doc=doc or (fn.__doc__ or ""), positions=positions)
         return fn
 
     return deco

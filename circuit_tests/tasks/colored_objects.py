@@ -36,7 +36,8 @@ def _fill(prefix: str, surf: str, pres: str, objs, colors, q: int) -> dict[str, 
     return v
 
 
-@register("colored_objects", ColoredObjectsParams, "logit_diff")
+@register("colored_objects", ColoredObjectsParams, "logit_diff",
+          positions=("QUERY", "ANS_OBJ", "ANS_COLOR", "WRONG_OBJ", "WRONG_COLOR", "END"))
 def build(tokenizer, params: ColoredObjectsParams, ctx: BuildContext) -> TaskData:
     """Colored objects; targets [clean color, corrupted color]; positions QUERY, ANS_OBJ, ANS_COLOR, WRONG_OBJ, WRONG_COLOR, END."""
     tok = Tok(tokenizer, ctx, "colored_objects")

@@ -21,13 +21,13 @@ from pydantic import Field, field_validator
 from ..errors import TaskError
 from ..metrics import METRICS
 from ._common import Drop, Example, Tok, assemble
-from .base import BuildContext, TaskData, TaskParams, register
+from .base import MAX_SIZE, BuildContext, TaskData, TaskParams, register
 
 class CustomParams(TaskParams):
     path: str = Field(min_length=1)
     metric: str = "logit_diff"  # one of metrics.METRICS
     join: str = " "
-    size: int | None = Field(None, ge=1)  # use the first `size` rows (default: all)
+    size: int | None = Field(None, ge=1, le=MAX_SIZE)  # use the first `size` rows (default: all)
 
     @field_validator("metric")
     @classmethod
@@ -111,7 +111,7 @@ def _group(row: dict, one: str, many: str) -> list[str]:
     return list(items)
 
 
-@register("custom", CustomParams, "logit_diff")
+@register("custom", CustomParams, "logit_diff", positions=("END",))
 def build(tokenizer, params: CustomParams, ctx: BuildContext) -> TaskData:
     """A dataset from a JSONL/CSV file; targets answers (+1) and wrongs (-1); positions END."""
     tok = Tok(tokenizer, ctx, "custom")

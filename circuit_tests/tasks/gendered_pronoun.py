@@ -17,7 +17,7 @@ class GenderedPronounParams(TaskParams):
     pass
 
 
-@register("gendered_pronoun", GenderedPronounParams, "logit_diff")
+@register("gendered_pronoun", GenderedPronounParams, "logit_diff", positions=("NAME", "END"))
 def build(tokenizer, params: GenderedPronounParams, ctx: BuildContext) -> TaskData:
     """Gendered pronoun; targets [clean pronoun, other pronoun], signs [+1, -1]; positions NAME, END."""
     tok = Tok(tokenizer, ctx, "gendered_pronoun")

@@ -3,7 +3,9 @@
 Corruption: YY -> "01" (Hanna). Metric: probability difference over the 100 two-digit tokens "00".."99",
 +1 for y > YY and -1 for y <= YY. Years whose " XXYY" does not split into the two tokens [XX, YY] in this
 tokenizer are skipped (Hanna's ``get_valid_years``), as are the first and last valid year of each century;
-YY cycles over 02..98 so that every threshold is equally represented.
+YY cycles over 02..98 so that every threshold is equally represented: each round visits every YY bucket
+once, in a spread-out order (``_spread_order``), so any ``size`` >= the number of buckets holds every
+bucket and a smaller ``size`` samples the whole 02..98 range evenly rather than its low end.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ class GreaterThanParams(TaskParams):
         return self
 
 
+def _spread_order(n: int, offset: int) -> list[int]:
+    """0..n-1 in bit-reversed (van der Corput) order, rotated by ``offset``: every prefix is spread over the
+    whole range (n=97: 0, 64, 32, 96, 16, 80, ...), and the full list is a permutation."""
+    bits = max(1, (n - 1).bit_length())
+    order = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(1 << bits)]
+    return [(i + offset) % n for i in order if i < n]
+
+
 def _split_year(tok: Tok, noun: str, xx: str, yy: str) -> tuple[str, list[int], dict[str, int]]:
     text, spans = render(W.GREATER_THAN_TEMPLATE, {"NOUN": noun, "XX": xx, "YY": yy})
     ids = tok.check_known(text)
@@ -41,7 +51,7 @@ def _split_year(tok: Tok, noun: str, xx: str, yy: str) -> tuple[str, list[int], 
     return text, ids, pos
 
 
-@register("greater_than", GreaterThanParams, "prob_diff")
+@register("greater_than", GreaterThanParams, "prob_diff", positions=("XX1", "YY", "XX2", "END"))
 def build(tokenizer, params: GreaterThanParams, ctx: BuildContext) -> TaskData:
     """Greater-than; targets the 100 two-digit tokens with +1 (y > YY) / -1 (y <= YY); positions XX1, YY, XX2, END."""
     tok = Tok(tokenizer, ctx, "greater_than")
@@ -88,13 +98,12 @@ def build(tokenizer, params: GreaterThanParams, ctx: BuildContext) -> TaskData:
     rng = random.Random(params.seed)
 
     def candidates():
-        i = 0
-        while True:
-            yy = cycle[i % len(cycle)]
-            i += 1
-            year = rng.choice(by_yy[yy])
-            noun = rng.choice(nouns)
-            yield lambda year=year, noun=noun: make(year, noun)
+        while True:  # one round = every YY bucket once, spread order, seeded rotation
+            for i in _spread_order(len(cycle), rng.randrange(len(cycle))):
+                yy = cycle[i]
+                year = rng.choice(by_yy[yy])
+                noun = rng.choice(nouns)
+                yield lambda year=year, noun=noun: make(year, noun)
 
     def make(year: int, noun: str) -> Example:
         s = f"{year:04d}"

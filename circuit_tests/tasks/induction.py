@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import StrictInt, Field, model_validator
 
 from ..errors import TaskError
 from ._common import Collector, Example, Tok
@@ -28,7 +28,8 @@ from .base import BuildContext, TaskData, TaskParams, register
 class InductionParams(TaskParams):
     seq_len: int = Field(20, ge=2, le=4096)
     corruption: Literal["resample", "swap_answer"] = "resample"
-    token_range: tuple[int, int] | None = None  # [lo, hi) of candidate ids (Tigges: [100, 20000)); default: all
+    # [lo, hi) of candidate ids (Tigges: [100, 20000)); default: all. A YAML list: lax only for list -> tuple
+    token_range: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)
 
     @model_validator(mode="after")
     def _range(self):
@@ -37,7 +38,7 @@ class InductionParams(TaskParams):
         return self
 
 
-@register("induction", InductionParams, "logit_diff")
+@register("induction", InductionParams, "logit_diff", positions=("CUR1", "NEXT1", "END"))
 def build(tokenizer, params: InductionParams, ctx: BuildContext) -> TaskData:
     """Induction; targets [x_{T-1}, z], signs [+1, -1]; positions CUR1 (first x_{T-2}), NEXT1 (first x_{T-1}), END."""
     tok = Tok(tokenizer, ctx, "induction")

@@ -37,7 +37,7 @@ TEMPLATES = {
 }
 
 
-@register("ioi", IOIParams, "logit_diff")
+@register("ioi", IOIParams, "logit_diff", positions=("IO", "S1", "S2", "END"))
 def build(tokenizer, params: IOIParams, ctx: BuildContext) -> TaskData:
     """IOI on BABA/ABBA templates; targets [IO, S], signs [+1, -1]; positions IO, S1, S2, END."""
     tok = Tok(tokenizer, ctx, "ioi")

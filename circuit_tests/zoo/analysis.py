@@ -5,6 +5,12 @@ route users take), with ``blocks.L.attn.hook_pattern`` ``[b, h, q, k]``, ``block
 ``[b, p, h, d_head]`` and, for path patching, ``blocks.L.hook_q_input`` ``[b, p, h, d_model]``.
 Head names follow the graph convention ``a{L}.h{H}``.
 
+Shared primitives, so that the zoo's recorded numbers mean what the claims measure: attention-pattern scores
+reduce through ``scores.mean_attention``, head weights come from ``gqa.head_weights`` (per query head, zero
+biases where a model has none), head replacement and MLP replacement use the patching engine's hook functions
+(``engine._replace_heads`` / ``engine._replace_all``), and path patching switches the split q/k/v inputs
+through ``path_patching.split_qkv_inputs``.
+
 Score definitions (all means over the held-out probe set):
 - ``prev_token``: attention ``A[q, q-1]`` over all q >= 1 (BOS + r + r probe, or IOI prompts);
 - ``induction``: on BOS + r + r (|r| = T), ``A[q, q-T+1]`` over q in the second copy, i.e. attention to
@@ -35,11 +41,18 @@ from typing import Any, Callable
 
 import torch
 
+from ..engine import _replace_all, _replace_heads
+from ..gqa import HeadWeights, head_weights
+from ..path_patching import split_qkv_inputs
+from ..scores import mean_attention
+
 __all__ = ["head_name", "induction_step", "ioi_step", "greater_than_step"]
 
 
 def head_name(layer: int, head: int) -> str:
-    return f"a{layer}.h{head}"
+    from ..names import head_name as canonical
+
+    return canonical(layer, head)
 
 
 def _load(step_dir: Path):
@@ -81,34 +94,32 @@ def _patch_heads(bridge, x: torch.Tensor, corr_cache, metric: Callable[[torch.Te
     """metric after replacing each head's z (all positions) with its corrupted value -> [L, H]."""
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
     out = torch.zeros(L, H)
-
-    def hook(z, hook, layer, head):
-        z[:, :, head] = corr_cache[f"blocks.{layer}.attn.hook_z"][:, :, head]
-        return z
-
     for l in range(L):
+        src = corr_cache[f"blocks.{l}.attn.hook_z"]
         for h in range(H):
+            hook = partial(_replace_heads, heads=torch.tensor([h]), src=src)
             with torch.no_grad():
-                logits = bridge.run_with_hooks(x, fwd_hooks=[(f"blocks.{l}.attn.hook_z", partial(hook, layer=l, head=h))])
+                logits = bridge.run_with_hooks(x, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)])
             out[l, h] = metric(logits)
     return out
 
 
-def _head_out(bridge, cache, layer: int, head: int, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _head_out(W: HeadWeights, cache, layer: int, head: int, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """The head's write into the residual stream at (rows, pos): z @ W_O, [n, d_model] (b_O excluded)."""
     z = cache[f"blocks.{layer}.attn.hook_z"][rows, pos, head]
-    return z @ bridge.W_O[layer, head]
+    return z @ W.W_O[layer, head]
 
 
-def _dla(bridge, cache, rows, pos, direction: torch.Tensor) -> torch.Tensor:
+def _dla(bridge, cache, rows, pos, direction: torch.Tensor, W: HeadWeights | None = None) -> torch.Tensor:
     """Per-head direct logit attribution along ``direction`` [n, d_model] (unembedding difference) -> [L, H]."""
+    W = W if W is not None else head_weights(bridge)
     ln = bridge.ln_final._original_component if hasattr(bridge.ln_final, "_original_component") else bridge.ln_final
     scale = cache["ln_final.hook_scale"][rows, pos]  # [n, 1]
     L, H = bridge.cfg.n_layers, bridge.cfg.n_heads
     out = torch.zeros(L, H)
     for l in range(L):
         for h in range(H):
-            r = _head_out(bridge, cache, l, h, rows, pos)
+            r = _head_out(W, cache, l, h, rows, pos)
             r = (r - r.mean(-1, keepdim=True)) / scale * ln.weight
             out[l, h] = (r * direction).sum(-1).mean()
     return out
@@ -125,9 +136,9 @@ def induction_step(step_dir: Path, probe: torch.Tensor, half: int, heldout: torc
     q2 = torch.arange(T + 1, 2 * T + 1)                      # second copy
     scores = {k: torch.zeros(b.cfg.n_layers, b.cfg.n_heads) for k in ("prev_token", "induction", "duplicate")}
     for l, A in enumerate(pats):
-        scores["prev_token"][l] = A[:, :, q_all, q_all - 1].mean((0, 2))
-        scores["induction"][l] = A[:, :, q2, q2 - T + 1].mean((0, 2))
-        scores["duplicate"][l] = A[:, :, q2, q2 - T].mean((0, 2))
+        scores["prev_token"][l] = mean_attention(A, q_all, q_all - 1)
+        scores["induction"][l] = mean_attention(A, q2, q2 - T + 1)
+        scores["duplicate"][l] = mean_attention(A, q2, q2 - T)
     lp = logits.log_softmax(-1)
     # in-context loss on the second copy (positions predicting r[1:] again)
     tgt = probe[:, T + 2:]
@@ -138,15 +149,13 @@ def induction_step(step_dir: Path, probe: torch.Tensor, half: int, heldout: torc
     L, H = b.cfg.n_layers, b.cfg.n_heads
     ablate = torch.zeros(L, H)
 
-    def hook(z, hook, head, mean):
-        z[:, :, head] = mean
-        return z
-
     for l in range(L):
-        zmean = cache[f"blocks.{l}.attn.hook_z"].mean((0, 1))  # [h, d]
+        z = cache[f"blocks.{l}.attn.hook_z"]
+        zmean = z.mean((0, 1)).expand_as(z)  # [b, p, h, d]: per-head mean over batch and positions
         for h in range(H):
+            hook = partial(_replace_heads, heads=torch.tensor([h]), src=zmean)
             with torch.no_grad():
-                lg = b.run_with_hooks(probe, fwd_hooks=[(f"blocks.{l}.attn.hook_z", partial(hook, head=h, mean=zmean[h]))])
+                lg = b.run_with_hooks(probe, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)])
             ablate[l, h] = float(-lg[:, T + 1:-1].log_softmax(-1).gather(-1, tgt[..., None]).mean()) - rep_loss
     best_l1 = float(scores["induction"][-1].max()) if L > 1 else float(scores["induction"].max())
     return {
@@ -182,23 +191,24 @@ def ioi_step(step_dir: Path, ev: dict[str, torch.Tensor], heldout: torch.Tensor,
     L, H = b.cfg.n_layers, b.cfg.n_heads
     s = {k: torch.zeros(L, H) for k in ("attn_io", "attn_s1", "attn_s2", "attn_s2_prev", "duplicate", "induction", "prev_token")}
     for l, A in enumerate(pats):
-        s["attn_io"][l] = A[ar, :, ev["END"], ev["IO"]].mean(0)
-        s["attn_s1"][l] = A[ar, :, ev["END"], ev["S1"]].mean(0)
-        s["attn_s2"][l] = A[ar, :, ev["END"], ev["S2"]].mean(0)
-        s["attn_s2_prev"][l] = A[ar, :, ev["END"], ev["S2"] - 1].mean(0)
-        s["duplicate"][l] = A[ar, :, ev["S2"], ev["S1"]].mean(0)
-        s["induction"][l] = A[ar, :, ev["S2"], ev["S1"] + 1].mean(0)
+        s["attn_io"][l] = mean_attention(A, ev["END"], ev["IO"], rows=ar)
+        s["attn_s1"][l] = mean_attention(A, ev["END"], ev["S1"], rows=ar)
+        s["attn_s2"][l] = mean_attention(A, ev["END"], ev["S2"], rows=ar)
+        s["attn_s2_prev"][l] = mean_attention(A, ev["END"], ev["S2"] - 1, rows=ar)
+        s["duplicate"][l] = mean_attention(A, ev["S2"], ev["S1"], rows=ar)
+        s["induction"][l] = mean_attention(A, ev["S2"], ev["S1"] + 1, rows=ar)
         # previous-token over real (non-pad) query positions q >= 1
         qs = torch.arange(1, A.shape[-1])
         real = (ev["clean"][:, 1:] != 0).float()                       # [n, T-1]
-        s["prev_token"][l] = (A[:, :, qs, qs - 1] * real[:, None]).sum((0, 2)) / real.sum()
+        s["prev_token"][l] = mean_attention(A, qs, qs - 1, weight=real)
+    W = head_weights(b)
     W_U = b.W_U
     direction = (W_U[:, ev["io"]] - W_U[:, ev["s"]]).T                 # [n, d_model]
-    s["dla"] = _dla(b, cache, ar, ev["END"], direction)
+    s["dla"] = _dla(b, cache, ar, ev["END"], direction, W)
     names = torch.unique(torch.cat([ev["io"], ev["s"]]))
     mean_names = W_U[:, names].mean(-1)[None]                             # [1, d_model]
-    s["dla_io"] = _dla(b, cache, ar, ev["END"], W_U[:, ev["io"]].T - mean_names)
-    s["dla_s"] = _dla(b, cache, ar, ev["END"], W_U[:, ev["s"]].T - mean_names)
+    s["dla_io"] = _dla(b, cache, ar, ev["END"], W_U[:, ev["io"]].T - mean_names, W)
+    s["dla_s"] = _dla(b, cache, ar, ev["END"], W_U[:, ev["s"]].T - mean_names, W)
     gap_ok = abs(clean_m - corr_m) >= MIN_GAP["logit_diff"]
     s["patch"] = ((_patch_heads(b, ev["clean"], cache_c, lambda lg: float(_ioi_ld(lg, ev).mean())) - clean_m) / denom
                   if gap_ok else None)
@@ -212,7 +222,7 @@ def ioi_step(step_dir: Path, ev: dict[str, torch.Tensor], heldout: torch.Tensor,
         for l in range(L):
             xn = c2[f"blocks.{l}.ln1.hook_normalized"][ar, ev["IO"]]      # [n, d]
             for h in range(H):
-                o = (xn @ b.W_V[l, h] + b.b_V[l, h]) @ b.W_O[l, h]
+                o = (xn @ W.W_V[l, h] + W.b_V[l, h]) @ W.W_O[l, h]   # per query head (GQA), zero bias if none
                 o = (o - o.mean(-1, keepdim=True)) / o.std(-1, keepdim=True, unbiased=False).clamp_min(1e-6) * ln.weight
                 lg = o @ W_U[:, names]
                 copy[l, h] = (names[lg.argmax(-1)] == ev["io"]).float().mean()
@@ -221,7 +231,7 @@ def ioi_step(step_dir: Path, ev: dict[str, torch.Tensor], heldout: torch.Tensor,
     if name_movers is None:
         flat = s["dla"].flatten()
         name_movers = [(int(i) // H, int(i) % H) for i in flat.topk(min(3, flat.numel())).indices if flat[i] > 0]
-    s["s_inhibition"] = _s_inhibition(b, ev, cache, cache_c, name_movers, clean_m, denom) if gap_ok else None
+    s["s_inhibition"] = _s_inhibition(b, W, ev, cache, cache_c, name_movers, clean_m, denom) if gap_ok else None
     return {
         "metrics": {"loss": round(_lm_loss(b, heldout), 4), "logit_diff": round(clean_m, 4),
                     "logit_diff_corrupted": round(corr_m, 4), "accuracy": round(float((ld > 0).float().mean()), 4),
@@ -232,20 +242,19 @@ def ioi_step(step_dir: Path, ev: dict[str, torch.Tensor], heldout: torch.Tensor,
     }
 
 
-def _s_inhibition(b, ev, cache, cache_c, receivers, clean_m, denom) -> torch.Tensor:
+def _s_inhibition(b, W: HeadWeights, ev, cache, cache_c, receivers, clean_m, denom) -> torch.Tensor:
     """Direct-edge path patching sender head (z at END from corrupted) -> receivers' query input at END."""
     L, H = b.cfg.n_layers, b.cfg.n_heads
     out = torch.zeros(L, H)
     ar = torch.arange(len(ev["END"]))
     end = ev["END"]
-    b.set_use_split_qkv_input(True)
-    try:
+    with split_qkv_inputs(b):
         for l in range(L):
             for h in range(H):
                 recv = [(rl, rh) for rl, rh in receivers if rl > l]
                 if not recv:
                     continue
-                delta = _head_out(b, cache_c, l, h, ar, end) - _head_out(b, cache, l, h, ar, end)  # [n, d]
+                delta = _head_out(W, cache_c, l, h, ar, end) - _head_out(W, cache, l, h, ar, end)  # [n, d]
 
                 def hook(q_in, hook, heads):
                     for rh in heads:
@@ -259,8 +268,6 @@ def _s_inhibition(b, ev, cache, cache_c, receivers, clean_m, denom) -> torch.Ten
                 with torch.no_grad():
                     lg = b.run_with_hooks(ev["clean"], fwd_hooks=hooks)
                 out[l, h] = (float(_ioi_ld(lg, ev).mean()) - clean_m) / denom
-    finally:
-        b.set_use_split_qkv_input(False)
     return out
 
 
@@ -286,10 +293,10 @@ def greater_than_step(step_dir: Path, ev: dict[str, torch.Tensor], heldout: torc
     s = {k: torch.zeros(L, H) for k in ("attn_yy", "attn_xx", "prev_token")}
     pos_xx1 = ev["YY"] - 1
     for l, A in enumerate(pats):
-        s["attn_yy"][l] = A[ar, :, ev["END"], ev["YY"]].mean(0)
-        s["attn_xx"][l] = A[ar, :, ev["END"], pos_xx1].mean(0)
+        s["attn_yy"][l] = mean_attention(A, ev["END"], ev["YY"], rows=ar)
+        s["attn_xx"][l] = mean_attention(A, ev["END"], pos_xx1, rows=ar)
         qs = torch.arange(1, A.shape[-1])
-        s["prev_token"][l] = A[:, :, qs, qs - 1].mean((0, 2))
+        s["prev_token"][l] = mean_attention(A, qs, qs - 1)
     gap_ok = abs(clean_m - corr_m) >= MIN_GAP["prob_diff"]
     s["patch"] = ((_patch_heads(b, ev["clean"], cache_c, lambda lg: float(_gt_pd(lg, ev).mean())) - clean_m) / denom
                   if gap_ok else None)
@@ -298,12 +305,11 @@ def greater_than_step(step_dir: Path, ev: dict[str, torch.Tensor], heldout: torc
     with torch.no_grad():
         _, cm = b.run_with_cache(ev["corrupted"], names_filter=lambda nm: nm.endswith("hook_mlp_out"))
         for l in range(L):
-            def hook(x, hook, layer=l):
-                return cm[f"blocks.{layer}.hook_mlp_out"].clone()
-            lg = b.run_with_hooks(ev["clean"], fwd_hooks=[(f"blocks.{l}.hook_mlp_out", hook)])
+            name = f"blocks.{l}.hook_mlp_out"
+            lg = b.run_with_hooks(ev["clean"], fwd_hooks=[(name, partial(_replace_all, src=cm[name]))])
             mlp[f"m{l}"] = round((float(_gt_pd(lg, ev).mean()) - clean_m) / denom, 4) if gap_ok else None
             # zero-ablation of the MLP (how much of the task needs it at all)
-            lg0 = b.run_with_hooks(ev["clean"], fwd_hooks=[(f"blocks.{l}.hook_mlp_out", lambda x, hook: torch.zeros_like(x))])
+            lg0 = b.run_with_hooks(ev["clean"], fwd_hooks=[(name, partial(_replace_all, src=torch.zeros(())))])
             mlp[f"m{l}_zero_ablation_pd"] = round(float(_gt_pd(lg0, ev).mean()), 4)
     return {
         "metrics": {"loss": round(_lm_loss(b, heldout), 4), "prob_diff": round(clean_m, 4),

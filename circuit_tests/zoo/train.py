@@ -33,6 +33,7 @@ configure(threads=1)
 
 import torch  # noqa: E402
 
+from ..names import parse_head  # noqa: E402
 from . import data as D  # noqa: E402
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, build_word_tokenizer  # noqa: E402
 
@@ -332,7 +333,7 @@ def _roles(name: str, per_step: list[dict[str, Any]]) -> dict[str, Any]:
         sc = {h: v for h, v in final[rule["score"]].items() if v is not None}
         heads = []
         for head, v in sc.items():
-            layer = int(head[1:].split(".")[0])
+            layer = parse_head(head)[0]
             if rule["layers"] is not None and layer not in rule["layers"]:
                 continue
             ok = lambda hs, h=head: _passes(hs[rule["score"]][h], rule["op"], rule["threshold"]) and (  # noqa: E731
@@ -408,7 +409,7 @@ def write_manifest(name: str, tmp: Path, info: dict[str, Any], *, log: bool = Tr
     if recipe.data["kind"] == "ioi":   # S-inhibition receivers = the final checkpoint's name movers
         fin = _measure(recipe, tmp / f"step{steps[-1]}", ev)
         nm = [h for h, v in fin["heads"]["name_boost"].items() if v >= 1.0]
-        receivers = [(int(h[1:].split(".")[0]), int(h.split(".h")[1])) for h in nm]
+        receivers = [parse_head(h) for h in nm]
     per_step = []
     for s in steps:
         d = tmp / f"step{s}"

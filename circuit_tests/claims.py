@@ -1,0 +1,143 @@
+"""Claim types as a registry: for each type, how it is measured at a checkpoint (and which thresholds its record
+carries) and how its failure report reads.
+
+Why a registry: the runner and the failure report used to repeat the same if-chain over claim types; a new claim
+type was three edits in two modules that could disagree. Now it is one ``register`` call here, and an unknown type
+is a clear error instead of falling into the last branch.
+
+``measure(run, res, claim, rec)`` gets the spec run, the checkpoint's evaluated state (``runner.CheckpointResult``:
+bridge, task, circuit, engine evaluation, a per-checkpoint cache for expensive intermediate results) and the record
+to fill with thresholds; it returns a ``measures.Measurement``. ``details(rec, bounds)`` returns the failure-report
+lines that follow ``reason:`` (``bounds`` is the threshold text, e.g. ``>= 0.8 and <= 1.2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import CircuitTestsError
+from .results import Record
+
+__all__ = ["ClaimType", "CLAIM_TYPES", "register", "claim_type", "fmt"]
+
+
+@dataclass(frozen=True)
+class ClaimType:
+    name: str
+    measure: Callable[[Any, Any, Any, Record], Any]
+    details: Callable[[Record, str], list[str]]
+
+
+CLAIM_TYPES: dict[str, ClaimType] = {}
+
+
+def register(name: str, measure: Callable[[Any, Any, Any, Record], Any],
+             details: Callable[[Record, str], list[str]]) -> ClaimType:
+    """Add (or replace) a claim type; returns its entry."""
+    CLAIM_TYPES[name] = ClaimType(name, measure, details)
+    return CLAIM_TYPES[name]
+
+
+def claim_type(name: str) -> ClaimType:
+    try:
+        return CLAIM_TYPES[name]
+    except KeyError:
+        raise CircuitTestsError(f"unknown claim type {name!r}; known: {', '.join(sorted(CLAIM_TYPES))}") from None
+
+
+def fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# faithfulness: the circuit reproduces the model's task behaviour (engine evaluation of the whole circuit)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _faithfulness(run: Any, res: Any, claim: Any, rec: Record) -> Any:
+    from .baseline import measure_faithfulness
+    from .stats import settings_from
+
+    spec = run.loaded.spec
+    rec.threshold_min, rec.threshold_max, rec.max_kl = claim.min, claim.max, claim.max_kl
+    rec.ablation = (claim.ablations or [spec.ablation])[0]
+    return measure_faithfulness(res, claim, spec, run.gate_of(claim), settings_from(claim.bootstrap or spec.bootstrap))
+
+
+def _faithfulness_details(r: Record, bounds: str) -> list[str]:
+    if r.value is None and r.m_M is None:
+        return []
+    x = r.extra
+    lines = [f"  measured:      {fmt(r.value)} ({r.normalization}, {r.metric})   threshold: {bounds}",
+             f"  {x.get('ci_level', 0.95):.0%} CI:        [{fmt(r.ci_low)}, {fmt(r.ci_high)}] over {r.n_examples} examples "
+             f"(paired bootstrap, {x.get('ci_method', 'percentile')}, {x.get('ci_resamples', '?')} resamples, seed "
+             f"{x.get('ci_seed', 0)}; gate: {x.get('gate', 'point')})",
+             f"  m(M) = {fmt(r.m_M)}   m(M') = {fmt(r.m_Mprime)}   m(C) = {fmt(r.m_C)}   ablation: {r.ablation}"]
+    if r.kl is not None:
+        lines.append(f"  KL(full || circuit) = {fmt(r.kl)}   max_kl: {fmt(r.max_kl)}")
+    if "baseline" in x:
+        b = x["baseline"]
+        lines.append(f"  random baseline ({b.get('k')} {b.get('match')}-matched circuits, seed {b.get('seed')}): p50 {fmt(b.get('p50'))}, "
+                     f"p95 {fmt(b.get('p95'))}; claim at quantile {fmt(b.get('quantile'))}, margin over {b.get('require')} {fmt(b.get('margin'))}")
+    for ab, o in x.get("ablations", {}).items():
+        lines.append(f"  under {ab} ablation: {fmt(o.get('value'))} [{fmt(o.get('ci_low'))}, {fmt(o.get('ci_high'))}] ({o.get('outcome')}; recorded, not gated)")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# role_score: the heads of a role still do what the role says (component-function scores, cached per checkpoint)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _role_score(run: Any, res: Any, claim: Any, rec: Record) -> Any:
+    from . import measures
+
+    roles = run.loaded.spec.circuit.roles
+    rec.threshold_min = claim.min
+    key = measures.role_scores_key(claim, roles)
+    if key not in res.cache:
+        res.cache[key] = measures.compute_role_scores(res.bridge, res.task, claim, roles, res.prepend_bos)
+    return measures.role_score(res.cache[key], claim, roles)
+
+
+def _role_score_details(r: Record, bounds: str) -> list[str]:
+    x = r.extra
+    if "per_head" not in x:
+        return []
+    return [f"  measured:      {fmt(r.value)} ({x.get('score')} score, {x.get('quantifier')}; {x.get('unit')})   threshold: {bounds}",
+            "  per head:      " + ", ".join(f"{h} {fmt(v)}" for h, v in x["per_head"].items())]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# path_ratio: share of the path-patching effect on a receiver set carried by sender roles
+# ---------------------------------------------------------------------------------------------------------------
+
+def _path_ratio(run: Any, res: Any, claim: Any, rec: Record) -> Any:
+    from . import measures
+    from .path_patching import Receivers, path_patch
+
+    spec = run.loaded.spec
+    roles = spec.circuit.roles
+    rec.threshold_min, rec.threshold_max = claim.min, claim.max
+    receivers = (Receivers.logits() if claim.receivers == "logits"
+                 else Receivers.parse([f"{h}<{claim.input}>" for h in roles[claim.receivers] if h.startswith("a")]))
+    key = ("path", receivers.describe())
+    if key not in res.cache:
+        res.cache[key] = path_patch(res.bridge, res.task, receivers, batch_size=spec.task.batch_size)
+    heads = sorted(n for n in res.circuit.nodes if n.startswith("a")) if res.circuit else []
+    return measures.path_ratio(res.cache[key], claim, roles, heads, res.task.default_metric)
+
+
+def _path_ratio_details(r: Record, bounds: str) -> list[str]:
+    x = r.extra
+    if "signed" not in x:
+        return []
+    return [f"  measured:      {fmt(r.value)} ({x.get('measure')} path ratio into {x.get('receivers')})   threshold: {bounds}",
+            f"  signed {fmt(x.get('signed'))}, absolute {fmt(x.get('absolute'))}; numerator {fmt(x.get('numerator'))}, "
+            f"denominator {fmt(x.get('denominator'))} ({x.get('denominator_set')} senders)",
+            f"  m(clean) = {fmt(x.get('m_clean'))}   m(corrupted) = {fmt(x.get('m_corrupted'))}   ({x.get('metric')})",
+            "  sender effects: " + ", ".join(f"{h} {fmt(v)}" for h, v in x.get("effects", {}).items())]
+
+
+register("faithfulness", _faithfulness, _faithfulness_details)
+register("role_score", _role_score, _role_score_details)
+register("path_ratio", _path_ratio, _path_ratio_details)

@@ -1,0 +1,605 @@
+"""Circuits from edge scores: top-n and greedy construction, pruning, the smallest faithful circuit, CPR/CMD.
+
+Construction follows EAP-IG's ``Graph`` (reference/metrics.md §2.1, §2.3):
+
+- ``topn``: the n best edges by |score| (or signed score), then pruned (MIB's default).
+- ``greedy`` (Tigges et al.): from the logits upward; a max-heap holds edges whose receiver's node is already in
+  the circuit; each popped edge adds its sender node, whose incoming edges join the heap. Then pruned.
+- ``prune``: repeatedly drop nodes without an in-circuit outgoing edge or without an in-circuit incoming edge
+  (``input`` always counts as fed) and the edges that lost an endpoint, until nothing changes. The pruned
+  circuit can hold fewer than n edges.
+
+The smallest circuit reaching a faithfulness target: exponential search for a size that reaches it, binary
+search below it, then a local scan of ``n ± local`` because faithfulness is not monotone in n; every evaluated
+point is kept (``SearchResult.curve``). Faithfulness is evaluated by the patching engine on exactly the pruned
+circuit — for interchange ablation the same number EAP-IG's ``evaluate_graph`` reports (it prunes first too).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .graph import Circuit, Graph
+from .metrics import metric_values
+
+CONSTRUCTIONS = ("greedy", "topn")
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+# ------------------------------------------------------------------ masks <-> circuits
+
+def sender_to_receivers(graph: Graph) -> torch.Tensor:
+    """Bool ``[S, R]``: sender node s owns receiver slot r (a head's q/k/v, an MLP's input)."""
+    m = torch.zeros(len(graph.senders), len(graph.receivers), dtype=torch.bool)
+    for i, s in enumerate(graph.senders):
+        for r in graph.receivers_of(s):
+            m[i, graph.receiver_index[r]] = True
+    return m
+
+
+def mask_to_circuit(graph: Graph, mask: torch.Tensor) -> Circuit:
+    S, R = graph.senders, graph.receivers
+    edges = frozenset((S[i], R[j]) for i, j in mask.nonzero().tolist())
+    return Circuit(graph, edges, level="edge")
+
+
+def circuit_to_mask(circuit: Circuit) -> torch.Tensor:
+    return circuit.in_graph()
+
+
+def prune(graph: Graph, mask: torch.Tensor) -> torch.Tensor:
+    """Drop dangling nodes and their edges until nothing changes (EAP-IG ``Graph.prune``)."""
+    f2b = sender_to_receivers(graph).float()
+    mask = mask.clone()
+    while True:
+        has_out = mask.any(1)
+        has_in = (f2b @ mask.any(0).float()) > 0
+        has_in[0] = True  # input
+        alive = has_out & has_in
+        recv_alive = (alive.float() @ f2b) > 0
+        recv_alive[-1] = True  # logits
+        new = mask & alive[:, None] & recv_alive[None, :]
+        if torch.equal(new, mask):
+            return new
+        mask = new
+
+
+def _key(scores: torch.Tensor, absolute: bool) -> torch.Tensor:
+    return scores.abs() if absolute else scores
+
+
+def topn(graph: Graph, scores: torch.Tensor, real: torch.Tensor, n: int, absolute: bool = True) -> torch.Tensor:
+    """The ``n`` best real edges (ties broken by position, stably), then pruned."""
+    key = _key(scores, absolute).masked_fill(~real, float("-inf")).flatten()
+    mask = torch.zeros(key.numel(), dtype=torch.bool)
+    mask[torch.argsort(key, descending=True, stable=True)[:n]] = True
+    return prune(graph, mask.view_as(scores))
+
+
+def greedy(graph: Graph, scores: torch.Tensor, real: torch.Tensor, n: int, absolute: bool = True) -> torch.Tensor:
+    """Tigges / EAP-IG ``apply_greedy``: grow from the logits, best candidate edge first, then prune."""
+    key = _key(scores, absolute)
+    owner = sender_to_receivers(graph)
+    mask = torch.zeros_like(real)
+    heap: list[tuple[float, int, int]] = []
+
+    def push_into(cols: Sequence[int]) -> None:
+        for j in cols:
+            for i in real[:, j].nonzero().flatten().tolist():
+                heapq.heappush(heap, (-float(key[i, j]), i, j))
+
+    in_graph = {len(graph.senders)}  # logits
+    push_into([graph.receiver_index["logits"]])
+    added = 0
+    while added < n and heap:
+        _, i, j = heapq.heappop(heap)
+        mask[i, j] = True
+        added += 1
+        if i not in in_graph:
+            in_graph.add(i)
+            push_into(owner[i].nonzero().flatten().tolist())
+    return prune(graph, mask)
+
+
+def build(graph: Graph, scores: torch.Tensor, real: torch.Tensor, n: int, how: str = "greedy",
+          absolute: bool = True) -> torch.Tensor:
+    if how == "greedy":
+        return greedy(graph, scores, real, n, absolute)
+    if how == "topn":
+        return topn(graph, scores, real, n, absolute)
+    raise ValueError(f"unknown construction {how!r}; expected one of {', '.join(CONSTRUCTIONS)}")
+
+
+# ------------------------------------------------------------------ evaluation
+
+@dataclass
+class Faithfulness:
+    normalized: float | None
+    ratio: float | None
+    m_C: float
+    m_M: float
+    m_Mprime: float
+
+
+class CircuitEvaluator:
+    """Faithfulness of circuits on one model and task through the patching engine; counts its evaluations."""
+
+    def __init__(self, bridge: Any, task: Any, *, metric: str | None = None, ablation: str = "corrupted",
+                 batch_size: int = 32):
+        from .engine import PatchingEngine
+
+        self.engine = PatchingEngine(bridge)
+        self.graph = self.engine.graph
+        self.task, self.ablation, self.batch_size = task, ablation, batch_size
+        self.metric = metric or task.default_metric
+        self.n_evaluations = 0
+        self._ref: tuple[float, float] | None = None
+
+    def _mean(self, logits: torch.Tensor) -> float:
+        return float(metric_values(self.metric, logits, self.task.targets, self.task.signs).mean())
+
+    def __call__(self, circuit: Circuit | torch.Tensor) -> Faithfulness:
+        if isinstance(circuit, torch.Tensor):
+            circuit = mask_to_circuit(self.graph, circuit)
+        ev = self.engine.evaluate(self.task, circuit, self.ablation, self.batch_size)
+        self.n_evaluations += 1
+        if self._ref is None:
+            self._ref = (self._mean(ev.clean), self._mean(ev.baseline))
+        m_M, m_B = self._ref
+        m_C = self._mean(ev.circuit)
+        den = m_M - m_B
+        return Faithfulness((m_C - m_B) / den if den != 0 else None, m_C / m_M if m_M != 0 else None, m_C, m_M, m_B)
+
+
+def faithfulness_value(f: Faithfulness, normalization: str) -> float:
+    v = f.normalized if normalization == "normalized" else f.ratio
+    return float("nan") if v is None else float(v)
+
+
+# ------------------------------------------------------------------ search
+
+@dataclass
+class CurvePoint:
+    n: int  # edges asked for
+    edges: int  # edges after pruning
+    nodes: int
+    faithfulness: float
+    m_C: float
+
+
+@dataclass
+class SearchResult:
+    """The smallest circuit found with faithfulness >= target (``mask`` None when none reaches it)."""
+
+    target: float
+    normalization: str
+    construction: str
+    mask: torch.Tensor | None
+    n: int | None
+    point: CurvePoint | None
+    curve: list[CurvePoint] = field(default_factory=list)
+    n_evaluations: int = 0
+    m_M: float = float("nan")
+    m_Mprime: float = float("nan")
+
+    @property
+    def found(self) -> bool:
+        return self.mask is not None
+
+
+def _count_nodes(graph: Graph, mask: torch.Tensor) -> int:
+    return len(mask_to_circuit(graph, mask).nodes)
+
+
+def minimal_circuit(evaluator: CircuitEvaluator, scores: torch.Tensor, real: torch.Tensor, *, target: float = 0.8,
+                    normalization: str = "normalized", construction: str = "greedy", absolute: bool = True,
+                    start: int | None = None, max_edges: int | None = None, local: int = 5) -> SearchResult:
+    """Smallest n (edges asked for) whose pruned circuit reaches ``target``; the whole evaluated curve is kept.
+
+    Upper bound: from ``start`` (default 5% of the edges, Tigges' range) doubling up to ``max_edges`` (default
+    all edges); binary search between the largest failing and the smallest passing n; then every n within
+    ``local`` of the found n, since the curve is not monotone. Circuits identical after pruning are evaluated once.
+    """
+    g = evaluator.graph
+    E = int(real.sum())
+    cap = min(max_edges or E, E)
+    memo: dict[int, CurvePoint] = {}
+    by_mask: dict[bytes, CurvePoint] = {}
+    masks: dict[int, torch.Tensor] = {}
+    before = evaluator.n_evaluations
+    last: Faithfulness | None = None
+
+    def f(n: int) -> float:
+        nonlocal last
+        if n in memo:
+            return memo[n].faithfulness
+        mask = build(g, scores, real, n, construction, absolute)
+        k = mask.numpy().tobytes()
+        if k in by_mask:
+            p = by_mask[k]
+            pt = CurvePoint(n, p.edges, p.nodes, p.faithfulness, p.m_C)
+        else:
+            last = evaluator(mask)
+            pt = CurvePoint(n, int(mask.sum()), _count_nodes(g, mask), faithfulness_value(last, normalization), last.m_C)
+            by_mask[k] = pt
+        memo[n], masks[n] = pt, mask
+        return pt.faithfulness
+
+    ok = lambda n: f(n) >= target  # noqa: E731  (nan never passes)
+    hi = min(cap, max(1, start if start is not None else math.ceil(0.05 * E)))
+    lo = 0
+    while not ok(hi):
+        if hi >= cap:
+            break
+        lo, hi = hi, min(cap, 2 * hi)
+    found_n: int | None = hi if ok(hi) else None
+    if found_n is not None:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                hi = mid
+            else:
+                lo = mid
+        for n in range(max(1, hi - local), min(cap, hi + local) + 1):
+            f(n)
+        found_n = min(n for n, p in memo.items() if p.faithfulness >= target)
+    ref = evaluator._ref or (float("nan"), float("nan"))
+    curve = [memo[n] for n in sorted(memo)]
+    if found_n is None:
+        return SearchResult(target, normalization, construction, None, None, None, curve,
+                            evaluator.n_evaluations - before, *ref)
+    return SearchResult(target, normalization, construction, masks[found_n], found_n, memo[found_n], curve,
+                        evaluator.n_evaluations - before, *ref)
+
+
+# ------------------------------------------------------------------ MIB areas
+
+@dataclass
+class AreaResult:
+    cpr: float
+    cmd: float
+    fractions: tuple[float, ...]
+    faithfulness: list[float]
+    edges: list[int]
+
+
+def mib_areas(evaluator: CircuitEvaluator, scores: torch.Tensor, real: torch.Tensor, *,
+              fractions: Sequence[float] = MIB_FRACTIONS, absolute_cpr: bool = False,
+              absolute_cmd: bool = True) -> tuple[AreaResult, AreaResult]:
+    """MIB's CPR (area under normalized faithfulness; signed top-n) and CMD (area between it and 1; |score|
+    top-n), trapezoid rule over the linear fraction-of-edges axis (reference/metrics.md §2.3)."""
+    g = evaluator.graph
+    E = int(real.sum())
+    out = []
+    for absolute in (absolute_cpr, absolute_cmd):
+        fs, es = [], []
+        for k in fractions:
+            mask = topn(g, scores, real, int(k * E), absolute)
+            fs.append(faithfulness_value(evaluator(mask), "normalized"))
+            es.append(int(mask.sum()))
+        cpr = sum((fractions[i + 1] - fractions[i]) * (fs[i] + fs[i + 1]) / 2 for i in range(len(fs) - 1))
+        cmd = sum((fractions[i + 1] - fractions[i]) * (abs(1 - fs[i]) + abs(1 - fs[i + 1])) / 2 for i in range(len(fs) - 1))
+        out.append(AreaResult(cpr, cmd, tuple(fractions), fs, es))
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------ discover: scores -> circuit -> spec
+
+ROLE_THRESHOLDS = {  # a head joins a role when its score reaches this (units as in scores.py / spec.SCORE_UNITS)
+    "induction": 0.4, "previous_token": 0.4, "duplicate_token": 0.4, "name_mover": 20.0, "copy_suppression": 20.0,
+}
+
+
+@dataclass
+class Discovery:
+    """One checkpoint's discovered circuit and how it was found."""
+
+    method: str
+    steps: int
+    search: SearchResult
+    circuit: Circuit | None
+    scores: torch.Tensor
+    seconds_attribution: float
+    seconds_search: float
+    level: str = "edge"
+    claim_value: float | None = None  # faithfulness of the circuit as written (node level may differ)
+    roles: dict[str, list[str]] = field(default_factory=dict)
+    role_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def edge_scores(bridge: Any, task: Any, method: str, *, steps: int = 5, batch_size: int = 16, seed: int = 0,
+                sparsity: float = 0.95, train_steps: int = 200) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``[S, R]`` scores for ranking edges: EAP / EAP-IG attributions or Edge Pruning's learned mask logits."""
+    if method in ("eap", "eap-ig"):
+        from .attribution import attribute
+
+        s = attribute(bridge, task, method=method, steps=steps, batch_size=batch_size)
+        return s.scores, {"alphas": s.info["alphas"]}
+    if method == "edge-pruning":
+        from .edge_pruning import prune_edges
+
+        r = prune_edges(bridge, task, target_sparsity=sparsity, steps=train_steps, seed=seed, batch_size=batch_size)
+        return r.log_alpha.double(), {"edge_pruning": r}
+    raise ValueError(f"unknown discovery method {method!r}; expected eap, eap-ig or edge-pruning")
+
+
+def discover(bridge: Any, task: Any, *, method: str = "eap-ig", steps: int = 5, target: float = 0.8,
+             normalization: str = "normalized", construction: str = "greedy", level: str = "edge",
+             batch_size: int = 16, max_edges: int | None = None, local: int = 5, seed: int = 0,
+             sparsity: float = 0.95, train_steps: int = 200, prepend_bos: bool = True) -> Discovery:
+    """Scores, the smallest circuit reaching ``target`` and the roles of its heads, for one checkpoint."""
+    import time
+
+    from .attribution import real_edge_mask
+
+    t0 = time.perf_counter()
+    scores, info = edge_scores(bridge, task, method, steps=steps, batch_size=batch_size, seed=seed,
+                               sparsity=sparsity, train_steps=train_steps)
+    t1 = time.perf_counter()
+    ev = CircuitEvaluator(bridge, task, batch_size=batch_size)
+    real = real_edge_mask(ev.graph)
+    res = minimal_circuit(ev, scores, real, target=target, normalization=normalization, construction=construction,
+                          max_edges=max_edges, local=local)
+    t2 = time.perf_counter()
+    d = Discovery(method, steps if method == "eap-ig" else 1, res, None, scores, t1 - t0, t2 - t1, level, info=info)
+    if "edge_pruning" in info:  # the learned circuit itself (mask > 0.5, pruned), for the record
+        ep = info["edge_pruning"]
+        ep_mask = prune(ev.graph, ep.mask)
+        f = ev(ep_mask)
+        fv = faithfulness_value(f, normalization)
+        d.info["edge_pruning_circuit"] = {"edges": int(ep_mask.sum()), "faithfulness": fv,
+                                          "target_sparsity": ep.target_sparsity, "steps": ep.steps}
+        # the learned circuit itself competes with the search over its mask logits (many logits saturate, so
+        # their order says little among the kept edges): the smaller faithful one is the answer
+        if fv >= target and (not res.found or int(ep_mask.sum()) < res.point.edges):  # type: ignore[union-attr]
+            pt = CurvePoint(int(ep_mask.sum()), int(ep_mask.sum()), _count_nodes(ev.graph, ep_mask), fv, f.m_C)
+            res.mask, res.n, res.point = ep_mask, None, pt
+            d.info["edge_pruning_circuit"]["chosen"] = True
+    if not res.found:
+        return d
+    circuit = mask_to_circuit(ev.graph, res.mask)
+    d.claim_value = res.point.faithfulness  # type: ignore[union-attr]
+    if level == "node":
+        from .graph import node_circuit
+
+        circuit = node_circuit(ev.graph, circuit.nodes)
+        d.claim_value = faithfulness_value(ev(circuit), normalization)
+    d.circuit = circuit
+    heads = sorted(n for n in circuit.nodes if n.startswith("a"))
+    d.roles, d.role_scores = assign_roles(bridge, task, heads, prepend_bos)
+    return d
+
+
+def assign_roles(bridge: Any, task: Any, heads: Sequence[str], prepend_bos: bool = True
+                 ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """Group ``heads`` by the role whose score (scores.py) they reach best, relative to ``ROLE_THRESHOLDS``."""
+    from . import scores as sc
+
+    if not heads:
+        return {}, {}
+    tables: dict[str, Any] = {}
+    bos_id = getattr(getattr(bridge, "tokenizer", None), "bos_token_id", None)
+    rep = sc.repeated_sequence_scores(bridge, n_seq=16, seq_len=30, seed=0, bos=prepend_bos and bos_id is not None,
+                                      bos_id=bos_id)
+    tables.update({k: rep[k] for k in ("previous_token", "induction", "duplicate_token")})
+    if all(k in getattr(task, "positions", {}) for k in ("IO", "S1", "S2")):
+        tables["name_mover"] = sc.name_mover(bridge, task)
+        tables["copy_suppression"] = sc.copy_suppression(bridge, task)
+    roles: dict[str, list[str]] = {}
+    per_head: dict[str, dict[str, float]] = {}
+    for h in heads:
+        vals = {r: t[h] for r, t in tables.items() if not t.not_evaluated and t[h] == t[h]}
+        per_head[h] = vals
+        rel = {r: v / ROLE_THRESHOLDS[r] for r, v in vals.items() if v >= ROLE_THRESHOLDS[r]}
+        if rel:
+            roles.setdefault(max(rel, key=rel.get), []).append(h)  # type: ignore[arg-type]
+    return roles, per_head
+
+
+def claim_threshold(value: float, margin: float) -> float:
+    """``value - margin`` rounded down to 2 decimals: always strictly below the measured value."""
+    t = math.floor((value - margin) * 100) / 100
+    return t if t < value else t - 0.01
+
+
+def spec_document(d: Discovery, *, name: str, source: str, checkpoint: Any, task: dict[str, Any], n_examples: int,
+                  ablation: str = "corrupted", margin: float = 0.05, min_effect: float | None = None,
+                  construction: str = "greedy", how_scored: str = "") -> str:
+    """The spec file text: header comments (method, m, n, curve, timings) and the YAML body."""
+    import yaml
+
+    if d.circuit is None or d.claim_value is None:
+        raise ValueError("no circuit reached the target; nothing to write")
+    r = d.search
+    p = r.point
+    assert p is not None
+    assigned = {h for hs in d.roles.values() for h in hs}
+    circ: dict[str, Any] = {"level": d.level}
+    if d.roles:
+        circ["roles"] = {k: sorted(v) for k, v in sorted(d.roles.items())}
+    rest = sorted(n for n in d.circuit.nodes if n not in assigned and n not in ("input", "logits"))
+    if d.level == "edge":
+        if rest:
+            circ["nodes"] = rest
+        circ["edges"] = [f"{s}->{rv}" for s, rv in sorted(d.circuit.edges)]
+    else:
+        circ["nodes"] = rest
+        if not rest and not d.roles:
+            circ["nodes"] = ["input"]
+    claim: dict[str, Any] = {"type": "faithfulness", "id": "discovered_circuit", "normalization": r.normalization,
+                             "min": claim_threshold(d.claim_value, margin), "gate": "point"}
+    if min_effect is not None:
+        claim["min_effect"] = min_effect
+    body = {"name": name, "description": f"circuit found by {d.method} at {checkpoint}: {len(d.circuit.edges)} edges, "
+                                         f"{len(d.circuit.nodes)} nodes",
+            "model": {"source": source, "checkpoints": [checkpoint]}, "task": task, "circuit": circ,
+            "ablation": ablation, "claims": [claim]}
+    method = {"eap": "EAP (gradient at the clean run; Syed et al.)",
+              "eap-ig": f"EAP-IG, m={d.steps} steps interpolating the input embeddings (Hanna et al. 2024)",
+              "edge-pruning": "Edge Pruning's learned hard-concrete mask logits (Bhaskar et al. 2024)"}[d.method]
+    lines = [
+        f"# Discovered by `circuit-tests discover` at {checkpoint} ({source}; task {task.get('name')}, {n_examples} examples).",
+        f"# Edge ranking: {method}{how_scored}.",
+        f"# Construction: {construction} (then pruned); the smallest n edges asked for whose circuit reaches "
+        f"{r.normalization} faithfulness >= {r.target:g}",
+        f"# (binary search + local check of n±5; {r.n_evaluations} engine evaluations, {ablation} ablation).",
+        f"# Found {'n = ' + str(r.n) if r.n is not None else 'by Edge Pruning'}: {p.edges} edges, {p.nodes} nodes, {r.normalization} faithfulness {p.faithfulness:.4f} "
+        f"(m(M) = {r.m_M:.4g}, m(M') = {r.m_Mprime:.4g}, m(C) = {p.m_C:.4g}).",
+    ]
+    if d.level == "node":
+        lines.append(f"# Written at node level (all edges among its nodes): {r.normalization} faithfulness "
+                     f"{d.claim_value:.4f}.")
+    if "edge_pruning_circuit" in d.info:
+        e = d.info["edge_pruning_circuit"]
+        lines.append(f"# Edge Pruning's own circuit (mask > 0.5, target sparsity {e['target_sparsity']:g}, "
+                     f"{e['steps']} steps): {e['edges']} edges, {r.normalization} faithfulness {e['faithfulness']:.4f}"
+                     + (" — smaller than the search's, so it is the circuit written below." if e.get("chosen") else "."))
+    lines.append(f"# Claim threshold = measured {d.claim_value:.4f} - margin {margin:g}, rounded down.")
+    if d.role_scores:
+        lines.append("# Roles from scores.py (" + ", ".join(f"{k} >= {v:g}" for k, v in ROLE_THRESHOLDS.items()) + "):")
+        for h, vals in sorted(d.role_scores.items()):
+            lines.append(f"#   {h}: " + ", ".join(f"{k} {v:.3g}" for k, v in vals.items()))
+    lines += [f"# Time: scores {d.seconds_attribution:.1f} s, search {d.seconds_search:.1f} s.",
+              "# Curve (n asked:edges kept=faithfulness):"]
+    for i in range(0, len(r.curve), 8):
+        lines.append("#   " + ", ".join(f"{c.n}:{c.edges}={c.faithfulness:.3f}" for c in r.curve[i:i + 8]))
+    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False, width=120)
+
+
+# ------------------------------------------------------------------ the `circuit-tests discover` command
+
+def _task_from_args(spec_or_source: str, task_name: str | None, task_params: Sequence[str]) -> tuple[Any, dict[str, Any], Any]:
+    """(model spec, task dict, LoadedSpec or None) from a spec file or from a model source plus --task."""
+    from pathlib import Path
+
+    from .errors import SpecError
+    from .spec import load_spec
+
+    p = Path(spec_or_source)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        loaded = load_spec(p)
+        task = loaded.spec.task.model_dump(exclude_none=True)
+        if task.get("batch_size") == 32:
+            task.pop("batch_size")
+        if task_name:
+            raise SpecError(f"--task is given with a spec file ({p}); the spec's task {task['name']!r} is used — drop --task")
+        for kv in task_params:
+            k, _, v = kv.partition("=")
+            task[k] = _scalar(v)
+        return loaded.spec.model, task, loaded
+    if not task_name:
+        raise SpecError(f"{spec_or_source!r} is not a spec file (.yaml); with a model source, --task NAME is required")
+    from .spec import ModelSpec
+
+    task = {"name": task_name}
+    for kv in task_params:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SpecError(f"--task-param {kv!r}: expected KEY=VALUE")
+        task[k] = _scalar(v)
+    return ModelSpec(source=spec_or_source), task, None
+
+
+def _scalar(v: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(v)
+
+
+def discover_command(args: Any) -> int:
+    """Implementation of ``circuit-tests discover`` (see cli.py for the flags)."""
+    from pathlib import Path
+
+    from .errors import ModelLoadError, SpecError
+    from .runner import prepend_bos
+    from .sources import resolve_checkpoints
+    from .spec import TaskSpec, load_spec
+    from .tasks import build_task
+    from .tasks.base import BuildContext
+
+    model, task_dict, loaded = _task_from_args(args.spec, args.task, args.task_param or [])
+    spec_dir = loaded.dir if loaded else Path(".")
+    wanted = [c.strip() for c in args.checkpoint.split(",")] if args.checkpoint else None
+    refs = resolve_checkpoints(model.source, model.revision, None if wanted else model.checkpoints, spec_dir)
+    if wanted:
+        pick = []
+        for w in wanted:
+            hit = [r for r in refs if r.label in (w, f"step{w}") or str(r.step) == w]
+            if not hit:
+                raise ModelLoadError(f"no checkpoint {w!r} in {model.source}; available: {', '.join(r.label for r in refs)}")
+            pick.append(hit[0])
+    else:
+        pick = refs[-1:]
+    out = Path(args.out)
+    if not out.name.endswith((".yaml", ".yml")):
+        raise SpecError(f"-o {out}: the spec file name must end in .yaml (e.g. found.circuit.yaml)")
+    tspec = TaskSpec(**task_dict)
+    min_effect = None
+    if loaded:
+        fc = [c for c in loaded.spec.claims if c.type == "faithfulness" and c.min_effect is not None]
+        min_effect = fc[0].min_effect if fc else None
+    written = []
+    for ref in pick:
+        reason = ref.unavailable_reason()
+        if reason:
+            raise ModelLoadError(reason)
+        bridge = ref.load()
+        from types import SimpleNamespace
+
+        prepend = prepend_bos(SimpleNamespace(task=tspec), ref, bridge)  # the rule the spec run will apply
+        task = build_task(tspec.name, bridge.tokenizer, tspec.params, BuildContext(spec_dir=str(spec_dir), prepend_bos=prepend))
+        d = discover(bridge, task, method=args.method, steps=args.steps, target=args.target,
+                     normalization=args.normalization, construction=args.construction, level=args.level,
+                     batch_size=args.batch_size, max_edges=args.max_edges, seed=args.seed, sparsity=args.sparsity,
+                     train_steps=args.train_steps, prepend_bos=prepend)
+        r = d.search
+        best = max(r.curve, key=lambda c: c.faithfulness if c.faithfulness == c.faithfulness else -1e9)
+        print(f"{ref.label}: {args.method} scores {d.seconds_attribution:.1f} s, search {d.seconds_search:.1f} s "
+              f"({r.n_evaluations} engine evaluations)")
+        if not r.found:
+            print(f"  no circuit reached {r.normalization} faithfulness {args.target:g}; best {best.faithfulness:.3f} "
+                  f"at {best.edges} edges (n={best.n})")
+            return 1
+        assert r.point is not None and d.circuit is not None
+        print(f"  smallest circuit: n={r.n} -> {r.point.edges} edges, {r.point.nodes} nodes, {r.normalization} "
+              f"faithfulness {r.point.faithfulness:.4f}" + (f" (node level: {d.claim_value:.4f})" if args.level == "node" else ""))
+        if d.roles:
+            print("  roles: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(d.roles.items())))
+        path = out if len(pick) == 1 else out.with_name(out.name.replace(".circuit.yaml", "").rsplit(".", 1)[0]
+                                                         + f".{ref.label}.circuit.yaml")
+        name = (args.name or (loaded.spec.name + "-discovered" if loaded else "discovered")) + \
+            ("" if len(pick) == 1 else f"-{ref.label}")
+        source = model.source
+        if not source.startswith("zoo:") and Path(spec_dir, source).exists():  # a local directory: keep it
+            import os                                                            # valid relative to the new spec
+
+            source = os.path.relpath(Path(spec_dir, source).resolve(), path.resolve().parent)
+        text = spec_document(d, name=name, source=source, checkpoint=ref.step if ref.step is not None else ref.label,
+                             task=task_dict, n_examples=len(task), margin=args.margin, min_effect=min_effect,
+                             construction=args.construction)
+        path.write_text(text)
+        load_spec(path)  # what we wrote must validate
+        written.append(path)
+        print(f"  wrote {path}")
+        if args.graph_json:
+            import json
+
+            from .graph import circuit_to_json
+
+            g = d.circuit.graph
+            sc = {(g.senders[i], g.receivers[j]): float(d.scores[i, j]) for i, j in real_edge_pairs(g)}
+            edge_c = mask_to_circuit(g, r.mask)  # type: ignore[arg-type]
+            gj = Path(args.graph_json) if len(pick) == 1 else Path(args.graph_json).with_suffix(f".{ref.label}.json")
+            gj.write_text(json.dumps(circuit_to_json(edge_c, d_model=int(bridge.cfg.d_model), scores=sc)))
+            print(f"  wrote {gj} (EAP-IG graph JSON, scores and in_graph)")
+    return 0
+
+
+def real_edge_pairs(graph: Graph) -> list[tuple[int, int]]:
+    return [(graph.sender_index[s], graph.receiver_index[r]) for s, r in graph.edges()]

