@@ -120,10 +120,15 @@ def _path_ratio(run: Any, res: Any, claim: Any, rec: Record) -> Any:
     rec.threshold_min, rec.threshold_max = claim.min, claim.max
     receivers = (Receivers.logits() if claim.receivers == "logits"
                  else Receivers.parse([f"{h}<{claim.input}>" for h in roles[claim.receivers] if h.startswith("a")]))
-    key = ("path", receivers.describe())
-    if key not in res.cache:
-        res.cache[key] = path_patch(res.bridge, res.task, receivers, batch_size=spec.task.batch_size)
     heads = sorted(n for n in res.circuit.nodes if n.startswith("a")) if res.circuit else []
+    # Each sender costs a patched pass: with `denominator: circuit` only the circuit's heads and the claim's
+    # sender roles enter the ratio, so only they are patched (270 -> 63 senders on SmolLM2's IOI circuit).
+    senders = None
+    if claim.denominator != "all":
+        senders = tuple(sorted(set(heads) | {h for r in claim.senders for h in roles[r] if h.startswith("a")}))
+    key = ("path", receivers.describe(), senders)
+    if key not in res.cache:
+        res.cache[key] = path_patch(res.bridge, res.task, receivers, senders=senders, batch_size=spec.task.batch_size)
     return measures.path_ratio(res.cache[key], claim, roles, heads, res.task.default_metric)
 
 

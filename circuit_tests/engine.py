@@ -84,8 +84,8 @@ class _Group:
 SPARSE_DENSITY = 0.08  # CSR product when the smaller mask has at most this share of the [R, n_prev] entries
 
 
-def _plan(circuit: Circuit) -> dict[str, _Group]:
-    """Choose, per receiver group, the cheaper of the exact formulations."""
+def _plan(circuit: Circuit, dtype: torch.dtype = torch.float32) -> dict[str, _Group]:
+    """Choose, per receiver group, the cheaper of the exact formulations (masks in the model's ``dtype``)."""
     g = circuit.graph
     ing = circuit.in_graph()  # [S, R]
     plans: dict[str, _Group] = {}
@@ -101,10 +101,10 @@ def _plan(circuit: Circuit) -> dict[str, _Group]:
             mask = sub_in if from_total else ~sub_in
             with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
                 warnings.simplefilter("ignore", UserWarning)
-                csr = mask.float().to_sparse_csr()
+                csr = mask.to(dtype).to_sparse_csr()
             plans[key] = _Group(n_prev, "sparse", csr, from_total)
         else:
-            plans[key] = _Group(n_prev, "dense", (~sub_in).float().contiguous())
+            plans[key] = _Group(n_prev, "dense", (~sub_in).to(dtype).contiguous())
 
     H = g.n_heads
     for layer in range(g.n_layers):
@@ -280,7 +280,7 @@ class PatchingEngine:
         """
         g = self.graph
         if self._plan_key is not circuit.edges and self._plan_key != circuit.edges:
-            self._plan_key, self._plan = circuit.edges, _plan(circuit)  # one circuit at a time is the common case
+            self._plan_key, self._plan = circuit.edges, _plan(circuit, self.W_O.dtype)  # one circuit at a time is the common case
         plans = self._plan
         b, p = clean.shape
         H = g.n_heads

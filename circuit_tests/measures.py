@@ -92,8 +92,10 @@ def _head(name: str) -> tuple[int, int]:
 
 def role_scores_key(claim: Any, roles: dict[str, list[str]]) -> tuple:
     """Cache key of ``compute_role_scores``: claims that would compute the same ``HeadScores`` share it
-    (s_inhibition depends on the claimed heads, the other scores cover every head)."""
-    heads = tuple(claimed_heads(claim, roles)) if claim.score_name == "s_inhibition" else None
+    (s_inhibition and the copy scores are computed for the claimed heads only; the attention scores cover every
+    head, as one pass gives them all)."""
+    per_head = ("s_inhibition", "name_mover", "copy_suppression")
+    heads = tuple(claimed_heads(claim, roles)) if claim.score_name in per_head else None
     return ("role", claim.score_name, claim.n_seq, claim.seq_len, claim.seed, heads)
 
 
@@ -108,9 +110,9 @@ def compute_role_scores(bridge: Any, task: Any, claim: Any, roles: dict[str, lis
                                               bos=bos and bos_id is not None, bos_id=bos_id)
         return rep[name]
     if name == "name_mover":
-        return scores.name_mover(bridge, task)
+        return scores.name_mover(bridge, task, heads=claimed_heads(claim, roles))
     if name == "copy_suppression":
-        return scores.copy_suppression(bridge, task)
+        return scores.copy_suppression(bridge, task, heads=claimed_heads(claim, roles))
     if name == "successor":
         return scores.successor(bridge)
     if name == "s_inhibition":

@@ -220,7 +220,8 @@ def induction(bridge: Any, *, n_seq: int = 8, seq_len: int = 50, seed: int = 0, 
 
 
 def _head_ov_logits(bridge: Any, x: torch.Tensor, l: int, sign: float, apply_ln: bool,
-                    cols: torch.Tensor | None = None, W: HeadWeights | None = None) -> torch.Tensor:
+                    cols: torch.Tensor | None = None, W: HeadWeights | None = None,
+                    heads: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of each layer-``l`` head's OV output for residual vectors ``x [R, d]`` -> ``[R, H, V or |cols|]``.
 
     ``o = sign * (ln1_l(x) W_V + b_V) W_O`` (no ``b_O``: it belongs to no head), then ``ln_final`` and the
@@ -231,8 +232,11 @@ def _head_ov_logits(bridge: Any, x: torch.Tensor, l: int, sign: float, apply_ln:
     W = W if W is not None else head_weights(bridge)
     blk = bridge.blocks[l]
     xin = blk.ln1(x[:, None])[:, 0] if apply_ln else x
-    v = torch.einsum("rd,hde->rhe", xin, W.W_V[l]) + W.b_V[l]
-    o = sign * torch.einsum("rhe,hed->rhd", v, W.W_O[l])
+    W_V, b_V, W_O = W.W_V[l], W.b_V[l], W.W_O[l]
+    if heads is not None:  # only these heads of layer l (index tensor), in that order
+        W_V, b_V, W_O = W_V[heads], b_V[heads], W_O[heads]
+    v = torch.einsum("rd,hde->rhe", xin, W_V) + b_V
+    o = sign * torch.einsum("rhe,hed->rhd", v, W_O)
     if apply_ln:
         o = bridge.ln_final(o)
     if cols is None:
@@ -248,12 +252,20 @@ def _ioi_positions(task: Any) -> str | None:
 
 
 def _copy_score(bridge: Any, task: Any, sign: float, *, k: int, apply_ln: bool, batch_size: int,
-                name: str) -> HeadScores:
+                name: str, heads: Sequence[Head | str] | None = None) -> HeadScores:
     reason = _ioi_positions(task)
     if reason:
         return _nan_scores(bridge, name, "% top-5", reason)
     L, H = _shape(bridge)
     dev = _device(bridge)
+    # ``heads``: score only these (the others stay NaN). The full-vocabulary unembedding of every head's OV
+    # output dominates the cost on a real model (270 heads x 49k tokens for SmolLM2), and a claim needs only its own.
+    wanted = torch.ones(L, H, dtype=torch.bool)
+    if heads is not None:
+        wanted[:] = False
+        for hd in heads:
+            l, h = _parse_head(hd) if isinstance(hd, str) else hd
+            wanted[l, h] = True
     hits = torch.zeros(L, H, dtype=torch.float64)
     attn = {p: torch.zeros(L, H, dtype=torch.float64) for p in ("IO", "S1", "S2")}
     N = len(task)
@@ -271,14 +283,16 @@ def _copy_score(bridge: Any, task: Any, sign: float, *, k: int, apply_ln: bool, 
             x = torch.cat([r0[rows, pos[p]] for p in ("IO", "S1", "S2")])  # [3b, d]
             want = torch.cat([toks[rows, pos[p]] for p in ("IO", "S1", "S2")])  # the name at that position
             for l in range(L):
-                for sl in range(0, x.shape[0], 16):
-                    lg = _head_ov_logits(bridge, x[sl:sl + 16], l, sign, apply_ln, W=W)  # [r, H, V]
+                hs = wanted[l].nonzero().flatten()
+                for sl in (range(0, x.shape[0], 16) if len(hs) else ()):
+                    lg = _head_ov_logits(bridge, x[sl:sl + 16], l, sign, apply_ln, W=W, heads=hs)  # [r, |hs|, V]
                     top = lg.topk(k, dim=-1).indices
-                    hits[l] += (top == want[sl:sl + 16, None, None]).any(-1).double().sum(0).cpu()
+                    hits[l, hs] += (top == want[sl:sl + 16, None, None]).any(-1).double().sum(0).cpu()
                 pat = cache[f"blocks.{l}.attn.hook_pattern"]  # [b, h, q, k]
                 for p in ("IO", "S1", "S2"):
                     attn[p][l] += pat[rows, :, end, pos[p]].double().sum(0).cpu()
     values = 100.0 * hits / (3 * N)
+    values[~wanted] = float("nan")
     means = {p: v / N for p, v in attn.items()}
     crit = (means["IO"] > means["S1"]) & (means["IO"] > means["S2"])
     return HeadScores(values, name, f"% top-{k}", None, {
@@ -288,7 +302,8 @@ def _copy_score(bridge: Any, task: Any, sign: float, *, k: int, apply_ln: bool, 
     })
 
 
-def name_mover(bridge: Any, task: Any, *, k: int = 5, apply_ln: bool = True, batch_size: int = 32) -> HeadScores:
+def name_mover(bridge: Any, task: Any, *, k: int = 5, apply_ln: bool = True, batch_size: int = 32,
+              heads: Sequence[Head | str] | None = None) -> HeadScores:
     """Copy score (Wang et al.; Tigges ``compute_copy_score``) and the name-mover attention criterion.
 
     For every clean prompt and every name position p in {IO, S1, S2}: ``r`` = residual stream after
@@ -298,10 +313,12 @@ def name_mover(bridge: Any, task: Any, *, k: int = 5, apply_ln: bool = True, bat
     attn(END→IO) > attn(END→S1) and > attn(END→S2), Tigges' ``filter_name_movers``). Tigges' name movers
     have copy score > 10 %, the criterion, and a negative direct effect (``path_patch(..., "logits")``).
     """
-    return _copy_score(bridge, task, 1.0, k=k, apply_ln=apply_ln, batch_size=batch_size, name="name_mover")
+    return _copy_score(bridge, task, 1.0, k=k, apply_ln=apply_ln, batch_size=batch_size, name="name_mover",
+                       heads=heads)
 
 
-def copy_suppression(bridge: Any, task: Any, *, k: int = 5, apply_ln: bool = True, batch_size: int = 32) -> HeadScores:
+def copy_suppression(bridge: Any, task: Any, *, k: int = 5, apply_ln: bool = True, batch_size: int = 32,
+              heads: Sequence[Head | str] | None = None) -> HeadScores:
     """Negative copy score: the copy score with the head's output negated (sign -1), in %.
 
     This is the negative-copy-score variant (Wang et al.'s negative name movers), **not** McDougall et
@@ -309,7 +326,8 @@ def copy_suppression(bridge: Any, task: Any, *, k: int = 5, apply_ln: bool = Tru
     table and open-domain text. A head that writes the *opposite* of the attended name scores high.
     ``details`` carries the same attention means as ``name_mover``.
     """
-    return _copy_score(bridge, task, -1.0, k=k, apply_ln=apply_ln, batch_size=batch_size, name="copy_suppression")
+    return _copy_score(bridge, task, -1.0, k=k, apply_ln=apply_ln, batch_size=batch_size, name="copy_suppression",
+                       heads=heads)
 
 
 # ------------------------------------------------------------------------------------------ successor
