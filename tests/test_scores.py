@@ -227,13 +227,15 @@ def test_copy_score_finds_the_copier_and_the_suppressor(copier):
 
 def test_copy_scores_of_chosen_heads_equal_the_all_head_scores(copier):
     """Scoring only a claim's heads (the real-model fast path) gives those heads' all-head values; the rest are NaN."""
+    from circuit_tests.names import parse_head
+
     bridge, task = copier
     chosen = ["a1.h2", "a0.h3", "a1.h0"]
     for fn in (name_mover, copy_suppression):
         every, some = fn(bridge, task), fn(bridge, task, heads=chosen)
         picked = torch.zeros_like(every.values, dtype=torch.bool)
         for hd in chosen:
-            picked[int(hd[1]), int(hd[4])] = True
+            picked[parse_head(hd)] = True
         assert torch.equal(some.values[picked], every.values[picked])
         assert torch.isnan(some.values[~picked]).all()
         for p in ("attn_end_to_io", "attn_end_to_s1", "attn_end_to_s2"):
