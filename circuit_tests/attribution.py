@@ -176,7 +176,8 @@ def _accumulate(bridge: Any, graph: Graph, task: TaskData, idx: torch.Tensor, me
         g = grad.to(D.dtype)
         if g.dim() == 4:  # [b, p, H, d] -> one row per head
             if g.shape[2] != H:
-                raise NotImplementedError(f"receiver gradient has {g.shape[2]} heads, graph has {H} (grouped heads?)")
+                raise ValueError(f"receiver gradient has {g.shape[2]} heads but the graph has {H}: this attention "
+                                 "layout gives no per-query-head q/k/v input, so edge scores cannot be attributed")
             g = g.permute(2, 0, 1, 3).reshape(H, -1)
         else:
             g = g.reshape(1, -1)

@@ -101,10 +101,7 @@ def key_parts(run: Any, ref: Any, index: int, store: Any = None) -> dict[str, An
     if hasattr(run, "integrity"):
         _, dups = run.integrity()
         dup = dups.get(ref.label)
-    try:
-        sha = ref.weights_sha256(store)
-    except TypeError:  # an older ref without the store argument
-        sha = ref.weights_sha256()
+    sha = ref.weights_sha256(store)
     spec_part = {"name": spec.name, "model": {"source": spec.model.source, "revision": spec.model.revision},
                  "task": spec.task.model_dump(mode="json"), "circuit": spec.circuit.model_dump(mode="json"),
                  "ablation": spec.ablation, "gate": spec.gate if "gate" in spec.model_fields_set else None,

@@ -418,7 +418,8 @@ def spec_document(d: Discovery, *, name: str, source: str, checkpoint: Any, task
         raise ValueError("no circuit reached the target; nothing to write")
     r = d.search
     p = r.point
-    assert p is not None
+    if p is None:
+        raise ValueError("the search recorded no circuit point; nothing to write")
     assigned = {h for hs in d.roles.values() for h in hs}
     circ: dict[str, Any] = {"level": d.level}
     if d.roles:
@@ -566,7 +567,9 @@ def discover_command(args: Any) -> int:
             print(f"  no circuit reached {r.normalization} faithfulness {args.target:g}; best {best.faithfulness:.3f} "
                   f"at {best.edges} edges (n={best.n})")
             return 1
-        assert r.point is not None and d.circuit is not None
+        if r.point is None or d.circuit is None:  # found without a point would be a search bug: say so, exit 1
+            print("  the search reported success but recorded no circuit; nothing written")
+            return 1
         print(f"  smallest circuit: n={r.n} -> {r.point.edges} edges, {r.point.nodes} nodes, {r.normalization} "
               f"faithfulness {r.point.faithfulness:.4f}" + (f" (node level: {d.claim_value:.4f})" if args.level == "node" else ""))
         if d.roles:

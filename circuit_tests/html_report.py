@@ -62,6 +62,11 @@ def _plot_png(recs: list[Record]) -> bytes | None:
         return paths[0].read_bytes() if paths else None
 
 
+def _cell_text(r: Record, ch: Change | None) -> str:
+    """A table cell as the terminal shows it, ``*`` when reused from the cache, plus the change marker."""
+    return r.cell + ("*" if reused(r) else "") + (ch.marker() if ch else "")
+
+
 def _cell_class(r: Record, ch: Change | None) -> str:
     v = verdict(r)
     cls = ["absent" if (r.expected == "absent" and v == "pass") else ("fail" if v == "error" else v)]
@@ -143,7 +148,7 @@ def _spec_section(key: tuple[str, str], recs: list[Record], changes: dict, plots
                 tds.append("<td></td>")
                 continue
             ch = changes.get(item_key(r))
-            text = r.cell + ("*" if reused(r) else "") + (ch.marker() if ch else "")
+            text = _cell_text(r, ch)
             title = r.reason or verdict(r)
             tds.append(f'<td class="{_cell_class(r, ch)}" title="{_e(title)}">{_e(text)}</td>')
         body.append(f"<tr><th>{_e(ck)}</th>{''.join(tds)}</tr>")
@@ -231,7 +236,7 @@ def markdown_summary(records: list[Record], changes: dict | None = None) -> str:
                     cells.append("")
                     continue
                 ch = changes.get(item_key(r))
-                t = r.cell + ("*" if reused(r) else "") + (ch.marker() if ch else "")
+                t = _cell_text(r, ch)
                 cells.append(f"**{t}**" if verdict(r) in ("fail", "error") or (ch and ch.flipped) else t)
             out.append(f"| {ck} | " + " | ".join(cells) + " |")
         out.append("")
