@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelLoadError
 from .results import Record
 
 KEY_PARTS = ("claim", "spec", "checkpoint", "task_data", "code", "environment")
@@ -91,17 +92,20 @@ def task_data(params: dict[str, Any], spec_dir: Path) -> dict[str, str]:
     return out
 
 
-def key_parts(run: Any, ref: Any, index: int, store: Any = None) -> dict[str, Any] | None:
-    """Everything claim ``index`` at ``ref`` depends on, by part (None: not cacheable, e.g. unavailable)."""
+def key_parts(run: Any, ref: Any, index: int) -> dict[str, Any] | None:
+    """Everything claim ``index`` at ``ref`` depends on, by part (None: not cacheable: unavailable, or weights
+    that cannot be hashed, whose error record ``measure_claim`` then writes). Hashes come from the run's lazy
+    duplicate finder, so the evaluation that may follow reuses them."""
     if ref.unavailable_reason() is not None:
         return None
     loaded, spec = run.loaded, run.loaded.spec
     claim = spec.claims[index]
-    dup = None
-    if hasattr(run, "integrity"):
-        _, dups = run.integrity()
-        dup = dups.get(ref.label)
-    sha = ref.weights_sha256(store)
+    dups = run.duplicates()
+    try:
+        sha = dups.sha256(ref)
+        dup = dups.original_of(ref)
+    except ModelLoadError:
+        return None
     spec_part = {"name": spec.name, "model": {"source": spec.model.source, "revision": spec.model.revision},
                  "task": spec.task.model_dump(mode="json"), "circuit": spec.circuit.model_dump(mode="json"),
                  "ablation": spec.ablation, "gate": spec.gate if "gate" in spec.model_fields_set else None,
@@ -155,7 +159,7 @@ class ResultCache:
         self.misses = 0
 
     def lookup(self, run: Any, ref: Any, index: int) -> tuple[str | None, Record | None]:
-        parts = key_parts(run, ref, index, self.store)
+        parts = key_parts(run, ref, index)
         if parts is None:
             return None, None
         key = cache_key(parts)

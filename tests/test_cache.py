@@ -207,3 +207,25 @@ def test_result_cache_reports_hits_and_misses(workdir):
     rc.store_record(key, measure_claim(run, ref, 1))
     key2, rec2 = rc.lookup(run, ref, 1)
     assert key2 == key and rec2 is not None and rc.hits == 1 and rec2.extra["cache"] == "reused"
+
+
+def test_duplicate_status_and_unhashable_weights_enter_the_key(workdir):
+    """A checkpoint identical to an earlier one is keyed as its duplicate; one whose weights cannot be read is
+    not cacheable (its error record comes from the evaluation, never from a cached result)."""
+    from circuit_tests.runner import SpecRun
+    from circuit_tests.sources import resolve_checkpoints
+    from circuit_tests.spec import load_spec
+
+    shutil.copytree(workdir / "models" / "step3000", workdir / "models" / "step3100")
+    shutil.copytree(workdir / "models" / "step3000", workdir / "models" / "step3200")
+    (workdir / "models" / "step3200" / "model.safetensors").write_bytes(b"not safetensors")
+    (workdir / "spec.circuit.yaml").write_text(SPEC.replace("checkpoints: [3000]", "checkpoints: all"))
+    loaded = load_spec(workdir / "spec.circuit.yaml")
+    m = loaded.spec.model
+    refs = resolve_checkpoints(m.source, m.revision, m.checkpoints, loaded.dir)
+    run = SpecRun(loaded, refs)
+    first, dup, broken = (key_parts(run, r, 0) for r in refs)
+    assert first["checkpoint"]["duplicate_of"] is None
+    assert dup["checkpoint"]["duplicate_of"] == refs[0].label
+    assert dup["checkpoint"]["weights_sha256"] == first["checkpoint"]["weights_sha256"]
+    assert broken is None
