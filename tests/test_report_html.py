@@ -194,3 +194,64 @@ def test_plugin_writes_report_summary_compare_and_valid_junit(pytester, monkeypa
     for tc in cases:
         assert {child.tag for child in tc} <= {"skipped", "error", "failure", "system-out", "system-err"}
     assert "circuit_tests_record" not in (pytester.path / "junit.xml").read_text()
+
+
+_BROWSER_HARNESS = """<!DOCTYPE html><html><head><meta charset="utf-8"></head><body><pre id="out">not loaded</pre>
+<iframe id="f" src="index.html" width="1200" height="900"></iframe>
+<script>
+document.getElementById('f').addEventListener('load', function () {
+  var d = this.contentDocument, r = {};
+  r.title = d.title;
+  r.h2 = Array.from(d.querySelectorAll('h2')).map(function (h) { return h.textContent; });
+  r.rows = Array.from(d.querySelectorAll('table')).map(function (t) { return t.rows.length; });
+  r.imgs = Array.from(d.images).map(function (i) { return [i.complete, i.naturalWidth, i.naturalHeight]; });
+  r.failCells = d.querySelectorAll('td.fail').length;
+  r.height = d.body.scrollHeight;
+  r.resources = performance.getEntriesByType('resource').length
+    + this.contentWindow.performance.getEntriesByType('resource').length;
+  document.getElementById('out').textContent = JSON.stringify(r);
+});
+</script></body></html>
+"""
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+def test_report_renders_in_headless_chromium(tmp_path):
+    """The page as a browser sees it: every spec, its table rows, and each inline plot decoded to a real image.
+
+    A harness page next to the report loads it in an iframe (file:// access allowed by a flag) and writes what the
+    DOM holds into its own <pre>, which ``--dump-dom`` prints after the page's load event.
+    """
+    import re
+    import subprocess
+
+    from circuit_tests.html_report import write_report
+
+    plots = True
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plots = False
+    report = write_report(_records(tmp_path), tmp_path / "report", environment={"torch": "2.x"}, plots=plots)
+    harness = report.parent / "harness.html"
+    harness.write_text(_BROWSER_HARNESS, encoding="utf-8")
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files",
+           "--virtual-time-budget=10000", "--dump-dom", harness.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    m = re.search(r'<pre id="out">(.*?)</pre>', proc.stdout, re.S)
+    assert m, f"chromium printed no DOM (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    seen = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert seen["title"] == "circuit_tests report"
+    assert {"alpha", "beta", "Provenance"} <= set(seen["h2"])
+    assert seen["failCells"] == 1                                  # the one failing cell, styled as a failure
+    assert seen["rows"] and min(seen["rows"]) >= 1 and seen["height"] > 500
+    if plots:
+        assert len(seen["imgs"]) == 1                              # alpha's plot; beta has no value to draw
+    assert all(ok and w > 100 and h > 100 for ok, w, h in seen["imgs"]), seen["imgs"]
+    assert seen["resources"] == 0                                  # nothing fetched: opens without a network
