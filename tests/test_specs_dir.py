@@ -1,11 +1,11 @@
 """The main job (`pytest specs/`) as a test: every shipped spec runs offline on the zoo without an error, and each
 spec's claims show their circuit absent before and present from its formation step.
 
-Why a margin: some shipped claims sit within 1% of their threshold at some checkpoint (measured here:
-ioi-zoo faithfulness 0.808 vs min 0.8 at step 900 and 0.788 (expected absent) at step 800; the IOI suppression
-share 0.823 vs 0.82 at step 900; greater-than faithfulness 0.904 / 0.896 vs 0.9 at steps 750 / 1000). Such an
-outcome flips with the last bits of a float32 sum (another CPU's kernels) or a dataset change, so asserting it
-would make this test rot rather than catch regressions. Outcomes are asserted for every item whose value clears
+Why a margin: some shipped claims sit within 1-2% of their threshold at some checkpoint (measured here:
+ioi-zoo faithfulness 0.808 vs min 0.8 at step 900 and 0.788 (expected absent) at steps 600 and 800, all three
+reported uncertain by the specs' ``gate: ci``; the IOI suppression share 0.823 vs 0.82 at step 900, point-gated).
+Such an outcome flips with the last bits of a float32 sum (another CPU's kernels) or a dataset change, so
+asserting it would make this test rot rather than catch regressions. Outcomes are asserted for every item whose value clears
 its threshold by MARGIN (relative); items inside the margin must still be evaluated (a number, no error) and are
 listed in a warning, so a spec whose claims drift towards their thresholds shows up in every run.
 """
