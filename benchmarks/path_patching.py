@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
         "path_patching_over_loop_logits": results["ioi_like/logits"]["ratio_cpu"],
         "path_patching_over_loop_worst_case_q": results["worst_case/q"]["ratio_cpu"],
         "path_patching_over_loop_worst_case_logits": results["worst_case/logits"]["ratio_cpu"],
+        **({"path_patching_over_loop_worst_case_k": results["worst_case/k"]["ratio_cpu"]} if model == "smollm2" else {}),
         "methods": sorted({r["method"] for r in results.values()}),
         "cases": results,
     }

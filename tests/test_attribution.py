@@ -165,3 +165,29 @@ def test_eap_ig_on_gqa_equals_the_ungrouped_model_with_per_query_head_kv():
     s = attribute(gqa, task, method="eap")
     for sender, receiver in [("a0.h1", "a1.h2<k>"), ("a0.h3", "a2.h0<v>"), ("input", "a1.h1<q>")]:
         assert s.score(sender, receiver) == pytest.approx(_naive_eap(ref, task, sender, receiver), rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS + ("llama",))
+def test_unforked_qkv_gradients_equal_the_forked_inputs(bridges, task, kind, monkeypatch):
+    """The q/k/v receiver gradients rebuilt through ln1's Jacobian (LayerNorm with bias; RMSNorm with GQA) equal
+    autograd's through the bridge's per-head forked inputs, and GQA settings are restored afterwards."""
+    import circuit_tests.attribution as A
+
+    if kind == "llama":
+        from circuit_tests.models import bridge_from_hf
+
+        from .test_llama import llama_hf
+
+        b = bridge_from_hf(llama_hf(2, True))
+        task = random_task(vocab=64, n=4, seq=6, ragged=True)
+    else:
+        b = bridges[kind]
+    assert A._qkv_layers(b, A.Graph.from_bridge(b)) is not None  # the unforked path is the one under test
+    groups = [blk.attn.original_component.num_key_value_groups for blk in b.blocks] if kind == "llama" else None
+    fast = attribute(b, task, method="eap-ig", steps=3, batch_size=3)
+    monkeypatch.setattr(A, "_qkv_layers", lambda *a: None)
+    forked = attribute(b, task, method="eap-ig", steps=3, batch_size=3)
+    assert torch.allclose(fast.scores, forked.scores, rtol=1e-4, atol=1e-6 * float(forked.scores.abs().max()))
+    assert fast.scores.abs().max() > 1e-4
+    if groups is not None:
+        assert [blk.attn.original_component.num_key_value_groups for blk in b.blocks] == groups == [2] * len(groups)
