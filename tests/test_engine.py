@@ -124,3 +124,23 @@ def test_engine_equals_naive_reference_on_generated_models(seed, layers, heads, 
     rng = random.Random(seed)
     c = Circuit(e.graph, frozenset(x for x in e.graph.edges() if rng.random() < 0.2))
     assert torch.allclose(e.evaluate(t, c).circuit, naive_circuit_logits(b, t, c), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_folded_weights_follow_in_place_weight_edits(kind, task):
+    """The engine keeps its norm-folded q/k/v weights between evaluations; an in-place edit of ln1's or a q/k/v
+    linear's weights (a user poking the model, a training loop) must be seen, bit for bit as a fresh engine."""
+    bridge = tiny_bridge(kind, layers=3)
+    engine = PatchingEngine(bridge)
+    g = engine.graph
+    circuit = Circuit(g, frozenset(e for i, e in enumerate(g.edges()) if i % 3 == 0))
+    before = engine.evaluate(task, circuit).circuit
+    mods = engine._qkv_modules()
+    assert mods is not None, "these models have separate q/k/v linears: the folded path must be the one tested"
+    with torch.no_grad():
+        mods[1][0].weight.mul_(1.5)        # ln1 gain of layer 1
+        mods[2][1][0].weight.add_(0.05)    # q weights of layer 2
+    after = engine.evaluate(task, circuit).circuit
+    fresh = PatchingEngine(bridge).evaluate(task, circuit).circuit
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh)

@@ -513,3 +513,18 @@ def test_cli_scores_runs_on_a_llama_model(llama_dir, tmp_path, capsys):
     assert main(["scores", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "a2.h3" in out and "direct effect on logits" in out
+
+
+def test_engine_folded_weights_follow_in_place_edits_under_gqa(task):
+    """GQA: the engine's folded per-query-head k/v weights are rebuilt after an in-place edit of a k/v linear."""
+    m = Model(2, True)
+    engine = PatchingEngine(m.bridge)
+    g = engine.graph
+    circuit = random_circuit(g, 0.3, 0)
+    before = engine.evaluate(task, circuit).circuit
+    with torch.no_grad():
+        m.bridge.blocks[1].attn.k.original_component.weight.add_(0.05)
+        m.bridge.blocks[0].ln1.original_component.weight.mul_(1.3)
+    after = engine.evaluate(task, circuit).circuit
+    assert not torch.equal(before, after)
+    assert torch.equal(after, PatchingEngine(m.bridge).evaluate(task, circuit).circuit)
