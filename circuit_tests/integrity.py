@@ -20,6 +20,7 @@ Zoo checkpoints are also verified against the sha256 their manifest records (``C
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,19 +118,70 @@ def duplicate_reason(label: str, original: str, hashes: Mapping[str, str] | None
 # Does the loaded model hold what its weight files hold?
 # ----------------------------------------------------------------------------------------------------------------
 
+_MISSING_MEMO: dict[str, list[str] | None] = {}
+_MAX_HEADER = 64 * 2**20  # a safetensors header larger than this is not read for the memo key (no memo)
+
+
+def _layout_key(d: Path) -> str | None:
+    """sha256 over what transformers' missing-key report reads: config.json's bytes, the names of the weight files
+    and each safetensors header (tensor names, dtypes, shapes, offsets). None when that cannot be read cheaply (no
+    config, a ``.bin`` weight file, an unreadable or oversized header): then nothing is memoised.
+
+    Checkpoints of one sweep share a layout, so the meta-device load runs once per layout, not per checkpoint.
+    """
+    files = sorted(d.glob("*.safetensors"))
+    if not files or any(d.glob("pytorch_model*.bin")):
+        return None
+    h = hashlib.sha256()
+    try:
+        h.update((d / "config.json").read_bytes())
+        index = d / "model.safetensors.index.json"
+        h.update(index.read_bytes() if index.is_file() else b"-")
+        for f in files:
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                if len(head) != 8:
+                    return None
+                n = int.from_bytes(head, "little")
+                if n > _MAX_HEADER:
+                    return None
+                body = fh.read(n)
+                if len(body) != n:
+                    return None
+            h.update(f.name.encode() + b"\0" + head + body)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def missing_tensors(model_dir: str | Path) -> list[str] | None:
     """Parameters the directory's config.json needs that its weight files do not hold (transformers would fill them
     with random values), sorted; None when transformers cannot build the config's model here (check skipped).
 
     Asks transformers itself (``from_pretrained(..., output_loading_info=True)``) on the meta device: its own
-    renames, tied weights and base-model prefixes apply, no tensor data is read, ~0.1 s.
+    renames, tied weights and base-model prefixes apply, no tensor data is read, ~15 ms for a tiny model: more than
+    loading it, so the answer is memoised per process by ``_layout_key`` (the answer depends on nothing else).
     """
-    import logging
-
     d = Path(model_dir)
+    key = _layout_key(d)
+    if key is not None and key in _MISSING_MEMO:
+        found = _MISSING_MEMO[key]
+    else:
+        found = _missing_tensors(d)
+        if key is not None:
+            _MISSING_MEMO[key] = found
+    return None if found is None else list(found)
+
+
+def _missing_tensors(d: Path) -> list[str] | None:
+    import logging
+    import os
+
     tf_log = logging.getLogger("transformers")
     level = tf_log.level
     tf_log.setLevel(logging.ERROR)  # its load report lists the missing keys on stderr; we report them instead
+    kernels = os.environ.get("USE_HUB_KERNELS")
+    os.environ["USE_HUB_KERNELS"] = "NO"  # transformers >= 5.25 would kernelize the model, which fails on "meta"
     try:
         from transformers import AutoModelForCausalLM
 
@@ -138,6 +190,10 @@ def missing_tensors(model_dir: str | Path) -> list[str] | None:
         return None
     finally:
         tf_log.setLevel(level)
+        if kernels is None:
+            os.environ.pop("USE_HUB_KERNELS", None)
+        else:
+            os.environ["USE_HUB_KERNELS"] = kernels
     return sorted(info.get("missing_keys") or [])
 
 

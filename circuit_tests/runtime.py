@@ -10,6 +10,9 @@ What the settings are for: torch's default thread count makes forwards ~40x slow
 bit-for-bit determinism on CPU needs a fixed count; ``HF_HUB_OFFLINE`` makes an uncached hub checkpoint fail in
 milliseconds instead of ~23 s of retries. huggingface_hub reads that variable when it is imported, so when it is
 already imported the scope also flips ``huggingface_hub.constants.HF_HUB_OFFLINE`` (and restores it).
+``USE_HUB_KERNELS=NO`` (unless set): transformers >= 5.25 "kernelizes" every ``from_pretrained`` model with code
+from the hub by default (remote code, another implementation of the numbers, ~2 s per load here); an explicit
+value in the environment is respected.
 
 ``configure()`` is the process-wide form for processes that own their runtime (the ``circuit-tests`` CLI,
 benchmarks, this project's test suite); inside an active scope it does nothing.
@@ -74,6 +77,7 @@ class EvaluationScope:
         os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ.setdefault("USE_HUB_KERNELS", "NO")
         hc = sys.modules.get("huggingface_hub.constants")
         if hc is not None:  # imported already: the environment variable is not read again
             saved["hf_constant"] = getattr(hc, "HF_HUB_OFFLINE", None)
@@ -153,6 +157,7 @@ def configure(*, online: bool | None = None, threads: int = 1, import_torch: boo
             hc.HF_HUB_OFFLINE = not online
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when torch is imported
     if import_torch and not _configured:
         import torch

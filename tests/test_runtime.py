@@ -43,7 +43,7 @@ claims:
     role: previous_token
     min: 0.5
 """
-HF_VARS = ("HF_HUB_OFFLINE", "TQDM_DISABLE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+HF_VARS = ("HF_HUB_OFFLINE", "TQDM_DISABLE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "USE_HUB_KERNELS")
 
 
 def inproc(pytester, *args, spec=SPEC):
@@ -77,6 +77,28 @@ def test_session_without_a_spec_leaves_the_process_untouched(pytester, monkeypat
         states.append(json.loads((pytester.path / "dump.json").read_text()))
     assert states[0] == states[1]
     assert not any(v in states[1]["env"] for v in HF_VARS)  # nothing of ours leaked into the session
+
+
+def test_scope_loads_models_without_hub_kernels_unless_the_environment_asks(monkeypatch):
+    """transformers >= 5.25 replaces layers with code from the hub ("kernels") in every from_pretrained by default:
+    remote code and another implementation of the numbers. Evaluation turns it off (restored after); an explicit
+    USE_HUB_KERNELS is respected."""
+    from circuit_tests import sources
+    from circuit_tests.runtime import EvaluationScope
+    from circuit_tests.sources import resolve_checkpoints
+
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    (ref,) = resolve_checkpoints("zoo:induction", None, [3000], ".")
+    with EvaluationScope():
+        assert os.environ["USE_HUB_KERNELS"] == "NO"
+        try:
+            assert getattr(ref.load().original_model, "use_kernels", False) is False
+        finally:
+            sources.release_all()
+    assert "USE_HUB_KERNELS" not in os.environ
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    with EvaluationScope():
+        assert os.environ["USE_HUB_KERNELS"] == "YES"
 
 
 def test_importing_the_package_and_engine_changes_nothing():
