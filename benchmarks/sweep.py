@@ -2,10 +2,12 @@
 
 A sweep pays, at every checkpoint, for more than the circuit evaluation: hashing the weights (duplicate
 detection, cache keys), loading them into a TransformerBridge (plus the integrity checks and resolving the
-circuit against the graph) and building the task's prompts. This script times those phases the way
-``runner.evaluate_checkpoint`` runs them, checkpoint by checkpoint in one process, and reports
+circuit against the graph), building the task's prompts, and releasing the model afterwards (the checkpoint
+node's teardown: dropping the bridge and, for large models, a garbage collection). This script times those
+phases the way ``runner.evaluate_checkpoint`` and the teardown run them, checkpoint by checkpoint in one process,
+and reports
 
-- overhead_over_evaluation: (hash + load + task) / the circuit evaluation (the engine's batched clean+corrupted
+- overhead_over_evaluation: (hash + load + task + release) / the circuit evaluation (the engine's batched clean+corrupted
   and patched passes), per checkpoint (median) and over the sweep.   Target <= 1 (issue 13, item 7).
 - overhead_over_claims: the same overhead / measuring all the spec's claims at that checkpoint (the circuit
   evaluation, role scores, path patching, baselines: what a sweep spends per checkpoint besides the overhead).
@@ -125,13 +127,18 @@ def sweep(spec_path: Path, limit: int) -> list[dict[str, float]]:
         for i in range(len(spec.claims)):
             measure_claim(run, ref, i)
         t_claims = time.perf_counter() - t
+        t = time.perf_counter()  # as the checkpoint node's teardown does it
         run.evaluations.pop(ref.label, None)
+        del bridge
         ref.release()
-        over = t_hash + t_load + t_task
-        rows.append({"checkpoint": ref.label, "hash_s": t_hash, "load_s": t_load, "task_s": t_task, "eval_s": t_eval,
+        t_release = time.perf_counter() - t
+        over = t_hash + t_load + t_task + t_release
+        rows.append({"checkpoint": ref.label, "hash_s": t_hash, "load_s": t_load, "task_s": t_task,
+                     "release_s": t_release, "eval_s": t_eval,
                      "claims_s": t_claims, "overhead_over_evaluation": over / t_eval,
                      "overhead_over_claims": over / t_claims})
         print(f"  {ref.label}: hash {t_hash * 1e3:.0f} ms, load {t_load * 1e3:.0f} ms, task {t_task * 1e3:.0f} ms, "
+              f"release {t_release * 1e3:.0f} ms, "
               f"circuit evaluation {t_eval * 1e3:.0f} ms, all {len(spec.claims)} claims {t_claims * 1e3:.0f} ms -> "
               f"overhead / circuit evaluation {over / t_eval:.2f}, overhead / claims {over / t_claims:.2f}", flush=True)
     return rows
@@ -155,14 +162,14 @@ def main() -> None:
                 rows = sweep(pythia_shaped_sweep(Path(tmp), args.pythia_checkpoints), args.pythia_checkpoints)
             else:
                 rows = sweep(ROOT / "specs" / ZOO_SPECS[name], args.checkpoints)
-            over = sum(r["hash_s"] + r["load_s"] + r["task_s"] for r in rows)
+            over = sum(r["hash_s"] + r["load_s"] + r["task_s"] + r["release_s"] for r in rows)
             out[name] = {
                 "overhead_over_evaluation_median": round(statistics.median(r["overhead_over_evaluation"] for r in rows), 3),
                 "overhead_over_evaluation_sweep": round(over / sum(r["eval_s"] for r in rows), 3),
                 "overhead_over_claims_median": round(statistics.median(r["overhead_over_claims"] for r in rows), 3),
                 "overhead_over_claims_sweep": round(over / sum(r["claims_s"] for r in rows), 3),
                 "phases_median_ms": {k: round(1e3 * statistics.median(r[k] for r in rows), 1)
-                                     for k in ("hash_s", "load_s", "task_s", "eval_s", "claims_s")},
+                                     for k in ("hash_s", "load_s", "task_s", "release_s", "eval_s", "claims_s")},
                 "checkpoints": len(rows),
             }
     print(json.dumps(out))

@@ -212,3 +212,80 @@ def test_a_claim_that_cannot_be_measured_fails_alone(tmp_path, monkeypatch):
     assert (broken.outcome, broken.measured) == ("failed", "error")
     assert broken.reason == "claim error: RuntimeError: scores exploded"
     assert other.measured in ("pass", "fail") and other.value is not None
+
+
+def test_missing_tensor_check_runs_once_per_layout_and_each_key_invalidates(faulty_run, tmp_path, monkeypatch):
+    """The meta-device load behind ``missing_tensors`` runs once per layout (config.json + safetensors headers):
+    other weights of the same layout reuse its answer; a changed config, a weight file missing a tensor, or a
+    ``.bin`` checkpoint (not memoised) are asked again, and each answer is the right one."""
+    from safetensors.torch import load_file, save_file
+
+    from circuit_tests import integrity
+
+    monkeypatch.setattr(integrity, "_MISSING_MEMO", {})
+    asked: list[str] = []
+    real = integrity._missing_tensors
+    monkeypatch.setattr(integrity, "_missing_tensors", lambda d: asked.append(d.name) or real(d))
+
+    a, b, c = (tmp_path / n for n in "abc")
+    shutil.copytree(faulty_run / "step0", a)
+    shutil.copytree(faulty_run / "step30", b)  # other values (NaN included), same layout
+    assert integrity.missing_tensors(a) == [] and integrity.missing_tensors(b) == []
+    assert asked == ["a"]
+    got = integrity.missing_tensors(b)
+    got.append("mutated by a caller")
+    assert integrity.missing_tensors(b) == [] and asked == ["a"]  # the memo hands out copies
+
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (b / "config.json").write_text(json.dumps(cfg))
+    assert any(k.startswith("gpt_neox.layers.2.") for k in integrity.missing_tensors(b)) and asked == ["a", "b"]
+
+    shutil.copytree(a, c)
+    state = load_file(str(c / "model.safetensors"))
+    del state["gpt_neox.final_layer_norm.weight"]
+    save_file(state, str(c / "model.safetensors"), metadata={"format": "pt"})
+    assert integrity.missing_tensors(c) == ["gpt_neox.final_layer_norm.weight"] and asked == ["a", "b", "c"]
+
+    import torch
+
+    d = tmp_path / "d"
+    shutil.copytree(a, d)
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    assert integrity.missing_tensors(d) == [] and integrity.missing_tensors(d) == []
+    assert asked == ["a", "b", "c", "d", "d"]
+
+
+def test_release_collects_garbage_once_enough_weights_wait(monkeypatch):
+    """A released bridge's memory waits for a full garbage collection (bridges hold reference cycles); one runs
+    once ``_GC_BYTES`` of weights were released, not at every release (a full collection costs more than a zoo
+    checkpoint's evaluation). With the threshold at 0 a release frees the weights at once."""
+    import gc
+    import weakref
+
+    from circuit_tests.sources import resolve_checkpoints
+
+    collected: list[int] = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or real_collect(*a))
+    monkeypatch.setattr(sources, "_released_bytes", 0)
+    ref, ref2 = resolve_checkpoints("zoo:induction", None, [2400, 3000], ".")
+
+    bridge = ref.load()
+    size = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
+    alive = weakref.ref(bridge.original_model)
+    del bridge
+    monkeypatch.setattr(sources, "_GC_BYTES", 2 * size - 1)
+    ref.release()
+    assert collected == [] and sources._released_bytes == size and alive() is not None  # a cycle keeps it
+    ref2.load()
+    ref2.release()  # 2 * size >= threshold: one collection, the counter starts again
+    assert collected == [1] and sources._released_bytes == 0 and alive() is None
+
+    monkeypatch.setattr(sources, "_GC_BYTES", 0)
+    bridge = ref.load()
+    alive = weakref.ref(bridge.original_model)
+    del bridge
+    ref.release()
+    assert collected == [1, 1] and alive() is None
