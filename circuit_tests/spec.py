@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
@@ -39,6 +39,22 @@ FaithMetric = Literal["logit_diff", "prob_diff", "accuracy"]
 class _Strict(BaseModel):
     # strict: no "0.8" -> 0.8, no true -> 1; allow_inf_nan=False: .nan / .inf are not thresholds
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("min", "max", "max_kl", "min_effect", "level", mode="before", check_fields=False)
+    @classmethod
+    def _exact_float(cls, v: Any, info: Any) -> Any:
+        """A float field refuses an integer that a float cannot hold (beyond 2**53): it would be rounded silently."""
+        if isinstance(v, int) and not isinstance(v, bool) and info.field_name is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            if ann is float or float in get_args(ann):
+                try:
+                    exact = float(v) == v
+                except OverflowError:
+                    exact = False
+                if not exact:
+                    raise ValueError(f"{v} cannot be held exactly by a float (integers up to 2**53 can); write the "
+                                     "number you mean as a decimal")
+        return v
 
 
 class ModelSpec(_Strict):

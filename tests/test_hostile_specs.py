@@ -169,8 +169,16 @@ NUMBER_FIELDS = {
 }
 numbers_st = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**20, 10**20), st.booleans(),
+    st.sampled_from([2**53, 2**53 + 1, -(2**53 + 1), 10**400]),
     st.floats(-200, 200).map(lambda v: f"{v:g}"), st.sampled_from([0, 1, 0.5, 0.8, 2, 40, 80, 100, 101, 1024, 1025]),
 )
+
+
+def _float_holds(v: int) -> bool:
+    try:
+        return float(v) == v
+    except OverflowError:
+        return False
 
 
 def number_ok(path: tuple, v) -> bool:
@@ -179,6 +187,8 @@ def number_ok(path: tuple, v) -> bool:
         return False
     if isinstance(v, float) and not math.isfinite(v):
         return False
+    if not int_only and isinstance(v, int) and not _float_holds(v):
+        return False  # an integer a float would round (or overflow): refused
     if path == ("claims", 1, "min") and 0 < v <= 1:  # a fraction written on a percent score
         return False
     return lo <= v <= hi
