@@ -24,10 +24,18 @@ scored tokens. LayerNorms, MLPs, ``ln_final`` and the unembedding are the bridge
 recomputed from ``W_Q/W_K/W_V/W_O`` (and the model's own rotary cos/sin) and checked against the cached
 ``hook_z`` of the clean run before use: a model whose attention this code does not reproduce falls back to
 ``method="hooks"`` (batched hooked forwards, same definition, slower) with a note in the result.
+Two MLPs see their clean input plus a low-rank term: the first one a sender reaches (``dz @ W_O[l, h]``,
+rank ``d_head``) and, in sequential blocks, the first receiver layer's in step 3 (rank ``d_head`` per
+receiver head there). With ``ln2(y) = gamma * center(y) / s(y) + beta`` the input projection is
+``(center(x) @ A + dz @ (center(W_O) @ A)) / s(y) + c``, ``A = diag(gamma) W_in``: the clean product is shared
+by all senders and each row costs ``d_head`` instead of ``d_model`` columns (``s(y)`` from the explicit
+input). These plain matrices (``_MLPMats``) are checked against ``hook_mlp_out`` on every batch; a layer
+they do not reproduce keeps the modules. In parallel blocks the first receiver layer's MLP reads the clean
+``resid_pre``: its cached output is used.
 Cost: per sender, the MLPs from its layer up to the receiver layer plus the layers from the first receiver
-layer on, at the computed positions; nothing of it is shared between senders (each sender's residual stream
-differs wherever the corruption reaches), so this is also what an exact answer costs. Keys/values are
-computed once per key/value head, and position-wise modules run on chunks of ``_ROWS`` rows (cache-sized).
+layer on, at the computed positions; beyond those clean products nothing is shared between senders (each
+sender's residual stream differs wherever the corruption reaches). Keys/values are computed once per
+key/value head, and position-wise modules run on chunks of ``_ROWS`` rows (cache-sized).
 Equality with the two-passes-per-sender definition is tested in ``tests/test_path_patching.py``.
 
 Model families: receivers are per *query* head. Under grouped-query attention (LLaMA family) a k/v
@@ -278,7 +286,7 @@ def path_patch(bridge: Any, task: Any, receivers: Receivers | str | Sequence[str
             b = _Batch(task, idx, dev)
             if used == "fast":
                 try:
-                    vals, m_clean, m_corr = _fast_batch(bridge, W, b, snd, recv, metric, max_rows, state)
+                    vals, m_clean, m_corr = _fast_batch(bridge, W, b, snd, recv, metric, max_rows, state, N)
                 except _SelfCheckFailed as e:
                     if method == "fast":
                         raise RuntimeError(f"fast path patching cannot reproduce this model exactly: {e}") from e
@@ -368,6 +376,24 @@ class _Weights:
         self.attn_scale = (float(scale) if scale and scale > 0 else math.sqrt(self.d_head)) if use_scale else 1.0
         self.groups = int(hw.groups)
         self._mats: dict[int, _LayerMats] = {}
+        self._bridge = bridge
+        self._mlps: dict[int, _MLPMats | None] = {}
+        self._writers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def mlp(self, l: int) -> "_MLPMats | None":
+        """Layer ``l``'s MLP as plain matrices (read once), or None when this code cannot read its layout."""
+        if l not in self._mlps:
+            try:
+                self._mlps[l] = _MLPMats(self._bridge, l)
+            except (AttributeError, ValueError, RuntimeError, TypeError):
+                self._mlps[l] = None
+        return self._mlps[l]
+
+    def writer(self, l_src: int, l: int, mm: "_MLPMats") -> torch.Tensor:
+        """``center(W_O[l_src, h]) @ A_l`` for every head ``h``: ``[H, e, c]`` (built once)."""
+        if (l_src, l) not in self._writers:
+            self._writers[(l_src, l)] = (mm.center(self.W_O[l_src]) @ mm.A).contiguous()
+        return self._writers[(l_src, l)]
 
     def mats(self, l: int) -> "_LayerMats":
         """Layer ``l``'s attention as plain matrices (built once): ``(W_q [d, H*e], b_q [H*e], W_kv [d, 2*kv*e],
@@ -437,8 +463,10 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None)
 
 
 def _fast_batch(bridge: Any, W: _Weights, b: _Batch, snd: list[Head], recv: Receivers, metric: str,
-                max_rows: int, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One chunk of examples: per-sender per-example metric ``[S, B]``, and the clean / corrupted metric ``[B]``."""
+                max_rows: int, state: dict[str, Any], n_examples: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of examples (of ``n_examples`` in all): per-sender per-example metric ``[S, B]``, and the clean /
+    corrupted metric ``[B]``."""
     L = int(bridge.cfg.n_layers)
     par = W.parallel
     last = L - 1
@@ -490,11 +518,16 @@ def _fast_batch(bridge: Any, W: _Weights, b: _Batch, snd: list[Head], recv: Rece
         pos = torch.arange(p_first, p_end, device=b.end.device).expand(b.B, -1)
     Q = pos.shape[1]
     gather = lambda t: t[b.rows[:, None], pos]  # [B, T, ...] -> [B, Q, ...]
+    reach_snd = [snd[i] for i in reach]
+    firsts: dict[int, int] = {}  # senders per layer of their first MLP
+    for l, _ in reach_snd:
+        firsts[l + int(par)] = firsts.get(l + int(par), 0) + 1
+    low = _LowRankClean(W, cc, gather, n_examples * Q, firsts, len(reach_snd))
 
     # The same pipeline with no patch: subtracting it cancels the (float-level) differences between this
     # recomputation and the bridge's own forward, so "no change" gives exactly the clean metric.
     if recv.kind == "heads":
-        attn = _Attention(bridge, W, cc, b, p_first, p_end, recv)
+        attn = _Attention(bridge, W, cc, b, p_first, p_end, recv, low)
         attn.self_check()
         zero = cc[f"blocks.{attn.l0}.hook_resid_pre"][None, :, p_first:p_end] * 0
         x_base = attn.forward({l: zero for l in recv.layers}, 1)
@@ -504,10 +537,10 @@ def _fast_batch(bridge: Any, W: _Weights, b: _Batch, snd: list[Head], recv: Rece
 
     per_sender_rows = b.B * Q
     chunk = max(1, max_rows // max(1, per_sender_rows))
-    reach_snd = [snd[i] for i in reach]
     for sl in _chunks(len(reach_snd), chunk):
         group = reach_snd[sl]
-        rec = _step2(bridge, W, cc, kc, group, gather, stop, recv, par)
+        low.drop_below(group[0][0], attn.l0 if recv.kind == "heads" else -1)
+        rec = _step2(bridge, W, cc, kc, group, gather, stop, recv, par, low)
         if recv.kind == "logits":
             x_end = cc[f"blocks.{last}.hook_resid_post"][ends][None] + rec[L][:, :, 0]  # [s, B, d]
             vals = _metric_at_end(bridge, W, x_end, b.targets, b.signs, metric, ref)
@@ -543,12 +576,16 @@ def _check_structure(bridge: Any, cc: Any, par: bool) -> None:
             close(post, cc[f"blocks.{l + 1}.hook_resid_pre"], f"layer {l}: resid_post vs next resid_pre")
 
 
+_Fresh = tuple[int, int, int, torch.Tensor, torch.Tensor]  # (layer l, i0, i1, dz, heads): D[i0:i1] = dz @ W_O[l]
+
+
 def _step2(bridge: Any, W: _Weights, cc: Any, kc: Any, group: list[Head], gather: Any, stop: int,
-           recv: Receivers, par: bool) -> dict[int, torch.Tensor]:
+           recv: Receivers, par: bool, low: "_LowRankClean") -> dict[int, torch.Tensor]:
     """Residual-stream deltas of step 2 for senders ``group`` (sorted by layer) at the gathered positions.
 
     Returns ``{layer: D}`` with ``D [s, B, Q, d]`` the delta of ``resid_pre`` of each receiver layer
-    (layer ``L`` = the final residual stream, before ``ln_final``).
+    (layer ``L`` = the final residual stream, before ``ln_final``). The first MLP a sender reaches (its own
+    layer's, or the next layer's in a parallel block) sees a delta of rank ``d_head``: ``_mlp_update``.
     """
     L = int(bridge.cfg.n_layers)
     want = {L} if recv.kind == "logits" else set(recv.layers)
@@ -557,6 +594,7 @@ def _step2(bridge: Any, W: _Weights, cc: Any, kc: Any, group: list[Head], gather
     base0 = gather(cc["blocks.0.hook_resid_pre"])
     D = torch.zeros(s, *base0.shape, dtype=base0.dtype, device=base0.device)
     rec: dict[int, torch.Tensor] = {}
+    fresh: _Fresh | None = None
     for l in range(stop + 1):
         if l in want:
             rec[l] = D if l == stop else D.clone()
@@ -565,16 +603,18 @@ def _step2(bridge: Any, W: _Weights, cc: Any, kc: Any, group: list[Head], gather
         if par:  # the MLP reads resid_pre: senders of earlier layers only
             n_act = int((layers < l).sum())
             if n_act:
-                _mlp_update(bridge, cc, D, n_act, l, gather, f"blocks.{l}.hook_resid_pre")
+                _mlp_update(bridge, W, cc, D, n_act, l, gather, f"blocks.{l}.hook_resid_pre", fresh, low)
         in_layer = [i for i, (ls, _) in enumerate(group) if ls == l]
+        fresh = None
         if in_layer:
             dz = gather(kc[f"blocks.{l}.attn.hook_z"] - cc[f"blocks.{l}.attn.hook_z"])  # [B, Q, H, e]
             heads = torch.tensor([group[i][1] for i in in_layer], device=dz.device)
             D[in_layer[0]:in_layer[-1] + 1] += torch.einsum("bqhe,hed->hbqd", dz[:, :, heads], W.W_O[l][heads])
+            fresh = (l, in_layer[0], in_layer[-1] + 1, dz, heads)
         if not par:  # the MLP reads resid_mid: senders up to this layer
             n_act = int((layers <= l).sum())
             if n_act:
-                _mlp_update(bridge, cc, D, n_act, l, gather, f"blocks.{l}.hook_resid_mid")
+                _mlp_update(bridge, W, cc, D, n_act, l, gather, f"blocks.{l}.hook_resid_mid", fresh, low)
     return rec
 
 
@@ -596,13 +636,150 @@ def _rowwise(fn: Any, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def _mlp_update(bridge: Any, cc: Any, D: torch.Tensor, n_act: int, l: int, gather: Any, base_name: str) -> None:
-    """``D[:n_act] += MLP_l(ln2(base + D)) - MLP_l(clean)`` at the gathered positions (in place)."""
+def _mlp_update(bridge: Any, W: _Weights, cc: Any, D: torch.Tensor, n_act: int, l: int, gather: Any,
+                base_name: str, fresh: _Fresh | None, low: "_LowRankClean") -> None:
+    """``D[:n_act] += MLP_l(ln2(base + D)) - MLP_l(clean)`` at the gathered positions (in place).
+
+    Rows ``fresh`` (senders whose delta is still ``dz @ W_O``) take the low-rank route when layer ``l``'s MLP
+    is reproduced by ``_MLPMats`` on this batch; the others (and all of them otherwise) the bridge's modules.
+    """
     blk = bridge.blocks[l]
     base = gather(cc[base_name])  # [B, Q, d]
-    clean_out = gather(cc[f"blocks.{l}.hook_mlp_out"])
-    y = _rowwise(lambda t: blk.mlp(blk.ln2(t)), base[None] + D[:n_act])
-    D[:n_act] += y.sub_(clean_out[None])
+    n_mod = n_act
+    if fresh is not None and (clean := low.get(l, base_name, low.firsts.get(l, 0), fresh[3].shape[-1])) is not None:
+        l_src, i0, i1, dz, heads = fresh
+        mm, P, out0 = clean
+        k, (B, Q) = i1 - i0, base.shape[:2]
+        scale = mm.scale(base[None] + D[i0:i1])  # [k, B, Q, 1]
+        z = dz[:, :, heads].permute(2, 0, 1, 3).reshape(k, B * Q, -1)
+        M = W.writer(l_src, l, mm)[heads]  # [k, e, c]
+        y = _lowrank_mlp(mm, P.reshape(B * Q, -1), scale.reshape(k, B * Q, 1), z, M)
+        D[i0:i1] += y.reshape(D[i0:i1].shape).sub_(out0)
+        n_mod = i0
+    if n_mod:
+        clean_out = gather(cc[f"blocks.{l}.hook_mlp_out"])
+        y = _rowwise(lambda t: blk.mlp(blk.ln2(t)), base[None] + D[:n_mod])
+        D[:n_mod] += y.sub_(clean_out[None])
+
+
+class _MLPMats:
+    """Layer ``l``'s ``mlp(ln2(y))`` as plain matrices, for inputs ``y = x + z @ W`` with ``z`` of few columns.
+
+    With the norm written ``ln2(y) = gamma * center(y) / s(y) + beta`` (RMSNorm: no centering, no beta), the
+    input projection(s) are ``pre = center(y) @ A / s(y) + c``, ``A = diag(gamma) @ [W_gate | W_in]``,
+    ``c = beta @ [W_gate | W_in] + [b_gate | b_in]``; and ``center(y) @ A = center(x) @ A + z @ (center(W) @ A)``:
+    the clean part is shared by all senders, the rest costs ``z``'s columns instead of ``d`` per row.
+    Read as the bridge's forward computes (``NormalizationBridge``'s eps choice, the HF module's activation);
+    ``_LowRankClean`` checks it against ``hook_mlp_out`` on every batch.
+    """
+
+    def __init__(self, bridge: Any, l: int) -> None:
+        blk = bridge.blocks[l]
+        ln, mlp = blk.ln2, blk.mlp
+        hf = mlp.original_component
+        act = getattr(hf, "act", None) or getattr(hf, "act_fn", None)
+        if not callable(act):
+            raise ValueError(f"no activation module on {type(hf).__name__}")
+        self.act = act
+        self.rms = bool(ln.uses_rms_norm)
+        eps = None
+        if ln.use_native_layernorm_autograd or getattr(ln.config, "layer_norm_folding", False):  # the HF module's
+            eps = getattr(ln.original_component, "eps", getattr(ln.original_component, "variance_epsilon", None))
+        self.eps = float(getattr(ln.config, "eps", 1e-05) if eps is None else eps)
+        gamma = ln.weight.detach()
+        gamma = 1.0 + gamma if ln.uses_weight_offset else gamma
+        beta = None if self.rms else getattr(ln.original_component, "bias", None)
+        w_gate = mlp.W_gate
+        self.gated = w_gate is not None
+        ws = ([w_gate.detach()] if w_gate is not None else []) + [mlp.W_in.detach()]
+        bs = ([getattr(mlp, "b_gate", None)] if w_gate is not None else []) + [mlp.b_in]
+        w = torch.cat(ws, 1)  # [d, c]
+        b = torch.cat([torch.zeros(x.shape[1], dtype=w.dtype, device=w.device) if y is None else y.detach()
+                       for x, y in zip(ws, bs)])
+        self.A = (gamma[:, None] * w).contiguous()
+        self.c = b if beta is None else b + beta.detach() @ w
+        self.W_out = mlp.W_out.detach().contiguous()
+        b_out = mlp.b_out
+        zero = torch.zeros(self.W_out.shape[1], dtype=w.dtype, device=w.device)
+        self.b_out = zero if b_out is None else b_out.detach()
+
+    def center(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.rms else y - y.mean(-1, keepdim=True)
+
+    def scale(self, y: torch.Tensor) -> torch.Tensor:
+        """``s(y)`` ``[..., 1]``, as the bridge's norm computes it."""
+        return (self.center(y).pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def out(self, pre: torch.Tensor) -> torch.Tensor:
+        """Activation and output projection of input projections ``pre [..., c]`` -> ``[..., d]``."""
+        if self.gated:
+            g, u = pre.chunk(2, -1)
+            h = self.act(g) * u
+        else:
+            h = self.act(pre)
+        return torch.addmm(self.b_out, h.reshape(-1, h.shape[-1]), self.W_out).reshape(*h.shape[:-1], -1)
+
+
+def _lowrank_mlp(mm: _MLPMats, P: torch.Tensor, scale: torch.Tensor, z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``mm.out((P + z @ M) / scale + c)`` for ``P [n, c]`` (clean, shared), ``z [g, n, k]``, ``M [g or 1, k, c]``,
+    ``scale [g, n, 1]`` -> ``[g, n, d]``, in blocks of about ``_ROWS`` rows (the hidden activations stay in cache)."""
+    g, n = z.shape[:2]
+    out = torch.empty(g, n, mm.W_out.shape[1], dtype=z.dtype, device=z.device)
+    per = max(1, _ROWS // n)
+    for i in range(0, g, per):
+        j = min(g, i + per)
+        Mi = M[i:j] if M.shape[0] > 1 else M.expand(j - i, -1, -1)
+        for r in range(0, n, _ROWS):
+            rs = slice(r, r + _ROWS)
+            pre = torch.baddbmm(P[rs], z[i:j, rs], Mi)
+            out[i:j, rs] = mm.out(torch.addcdiv(mm.c, pre, scale[i:j, rs]))
+    return out
+
+
+class _LowRankClean:
+    """Per batch: the clean rows' ``center(x) @ A`` and MLP output for each layer that takes the low-rank
+    route, computed once and checked against the bridge's ``hook_mlp_out`` (else that layer keeps the
+    modules: an MLP or norm that ``_MLPMats`` does not reproduce is never used).
+
+    rows: rows per sender over the whole dataset (examples x computed positions); firsts: per layer, the
+    senders whose first MLP it is; n_reach: senders that reach the receivers.
+    """
+
+    def __init__(self, W: _Weights, cc: Any, gather: Any, rows: int, firsts: dict[int, int], n_reach: int) -> None:
+        self.W, self.cc, self.gather = W, cc, gather
+        self.rows, self.firsts, self.n_reach = rows, firsts, n_reach
+        self._done: dict[int, tuple[_MLPMats, torch.Tensor, torch.Tensor] | None] = {}
+
+    def pays(self, senders: int, k: int) -> bool:
+        """The route saves ``senders * rows`` rows of ``d - k`` input columns and costs the writer matrices
+        (``H * e`` rows of ``d``, once per call) and the clean product (``rows`` of ``d``): with few rows (the
+        ``logits`` receiver reads END only) it does not pay."""
+        _, H, e, d = self.W.W_O.shape
+        return senders * self.rows * (d - k) > (H * e + self.rows) * d
+
+    def get(self, l: int, base_name: str, senders: int, k: int) -> tuple[_MLPMats, torch.Tensor, torch.Tensor] | None:
+        """``(mats, P [B, Q, c], clean output [B, Q, d])`` for layer ``l`` (MLP input ``base_name``) when the
+        route pays for ``senders`` inputs of rank ``k`` there, else None."""
+        if not self.pays(senders, k):
+            return None
+        if l not in self._done:
+            mm = self.W.mlp(l)
+            res = None
+            if mm is not None:
+                x = self.gather(self.cc[base_name])
+                P = mm.center(x) @ mm.A
+                out0 = mm.out(torch.addcdiv(mm.c, P, mm.scale(x)))
+                ref = self.gather(self.cc[f"blocks.{l}.hook_mlp_out"])
+                err = float((out0 - ref).abs().max())
+                if err <= 1e-4 * max(1.0, float(ref.abs().max())):
+                    res = (mm, P, out0)
+            self._done[l] = res
+        return self._done[l]
+
+    def drop_below(self, l: int, keep: int) -> None:
+        """Forget layers below ``l`` except ``keep`` (senders come in layer order)."""
+        for k in [k for k in self._done if k < l and k != keep]:
+            del self._done[k]
 
 
 class _Attention:
@@ -615,8 +792,8 @@ class _Attention:
     """
 
     def __init__(self, bridge: Any, W: _Weights, cc: Any, b: _Batch, p_first: int, p_end: int,
-                 recv: Receivers) -> None:
-        self.bridge, self.W, self.cc, self.b = bridge, W, cc, b
+                 recv: Receivers, low: _LowRankClean) -> None:
+        self.bridge, self.W, self.cc, self.b, self.low = bridge, W, cc, b, low
         self.p0, self.p1 = p_first, p_end
         self.L = int(bridge.cfg.n_layers)
         self.l0 = min(recv.layers)
@@ -700,6 +877,22 @@ class _Attention:
             self.ln1_clean[l] = ln
             self.k_pre[l], self.v_pre[l] = k[:, : self.p0], v[:, : self.p0]
 
+    def _receiver_mlp(self, l: int, mid: torch.Tensor, dz: torch.Tensor, sel: Any, heads: list[int]) -> torch.Tensor:
+        """MLP output at the first receiver layer (sequential block): ``mid`` = clean ``resid_mid`` + ``dz @ W_O``
+        over the receiver heads, a delta of rank ``len(heads) * d_head``: low-rank when that pays and
+        ``_LowRankClean`` reproduces the layer, else the modules (the same for every sender group and the base)."""
+        s, B, Qn, d = mid.shape
+        k = dz.shape[-2] * dz.shape[-1]
+        clean = self.low.get(l, f"blocks.{l}.hook_resid_mid", self.low.n_reach, k)
+        if clean is None:
+            blk = self.bridge.blocks[l]
+            return _rowwise(lambda t: blk.mlp(blk.ln2(t)), mid)
+        mm, P, _ = clean
+        M = self.W.writer(l, l, mm)[heads].reshape(1, k, -1)
+        P = sel(P[None])[0].reshape(B * Qn, -1)
+        y = _lowrank_mlp(mm, P, mm.scale(mid).reshape(s, B * Qn, 1), dz.reshape(s, B * Qn, k), M)
+        return y.reshape(mid.shape)
+
     def forward(self, rec: dict[int, torch.Tensor], s: int) -> torch.Tensor:
         """Layers l0..L-1 with receiver inputs patched to ``clean + rec[l]``; final resid at END ``[s, B, d]``."""
         cc, bridge, W, b = self.cc, self.bridge, self.W, self.b
@@ -710,6 +903,7 @@ class _Attention:
         flat = lambda t: t.reshape(-1, t.shape[-2], t.shape[-1])
         R = cc[f"blocks.{self.l0}.hook_resid_pre"][:, p0:p1][None].expand(s, -1, -1, -1)  # [s, B, Q, d]
         all_pos = torch.arange(p0, p1, device=dev)
+        dzs: list[torch.Tensor] = []  # at l0: the receiver heads' z - z_clean
         for l in range(self.l0, self.L):
             blk = bridge.blocks[l]
             last = l == self.L - 1
@@ -737,8 +931,8 @@ class _Attention:
                     g = [h // G]
                     k = torch.cat([self.k_pre[l][None, :, :, g].expand(s, -1, -1, -1, -1), k], -3)
                     v = torch.cat([self.v_pre[l][None, :, :, g].expand(s, -1, -1, -1, -1), v], -3)
-                    z = self._attend(q, k, v, qpos)
-                    attn_out += torch.einsum("sbqhe,hed->sbqd", z - z_clean[:, :, :, [h]], W.W_O[l][[h]])
+                    dzs.append(self._attend(q, k, v, qpos) - z_clean[:, :, :, [h]])
+                    attn_out += torch.einsum("sbqhe,hed->sbqd", dzs[-1], W.W_O[l][[h]])
             else:
                 ln_cur = blk.ln1(flat(R)).reshape(R.shape)
                 q = self._q(sel(ln_cur), l)
@@ -763,11 +957,16 @@ class _Attention:
                 attn_out = torch.addmm(W.b_O[l], z.reshape(-1, w_o.shape[0]), w_o).reshape(*z.shape[:-2], -1)
             R = sel(R)
             mlp = lambda t: blk.mlp(blk.ln2(t))
-            if W.parallel:
+            if W.parallel and l == self.l0:  # the MLP reads the clean resid_pre
+                R = R + attn_out + sel(cc[f"blocks.{l}.hook_mlp_out"][:, p0:p1][None])
+            elif W.parallel:
                 R = R + attn_out + _rowwise(mlp, R)
             else:
                 mid = R + attn_out
-                R = mid + _rowwise(mlp, mid)
+                if l == self.l0:
+                    R = mid + self._receiver_mlp(l, mid, torch.cat(dzs, -2), sel, sorted(rh))
+                else:
+                    R = mid + _rowwise(mlp, mid)
         return R[:, :, 0]  # the last layer selected the END rows: [s, B, d]
 
 

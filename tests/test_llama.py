@@ -46,7 +46,7 @@ from circuit_tests.scores import (
 )
 
 from .reference import naive_circuit_logits, naive_path_patch, ungrouped_copy
-from .test_path_patching import toy_ioi
+from .test_path_patching import lowrank_calls, toy_ioi
 from .test_scores import DAYS, NUM, literal_s2i, word_tokenizer
 
 L, H, D, V = 3, 4, 32, 64
@@ -399,6 +399,23 @@ def test_fast_path_patching_equals_the_definition(models64, name, recv):
     hooks = path_patch(m.bridge, task, R, senders=senders[:6], method="hooks")  # same forwards: exact
     for l, h in senders[:6]:
         assert abs(float(hooks.raw[l, h]) - ref[(l, h)]) <= 1e-12 * scale
+
+
+@pytest.mark.parametrize("recv", [["logits"], ["a2.h1<q>"], ["a2.h1<k>", "a1.h3<v>"]], ids=lambda r: "+".join(r))
+def test_worst_case_path_patching_with_low_rank_gated_mlps(models64, monkeypatch, recv):
+    """Token 0 corrupted (every position differs): the gated MLPs behind RMSNorm take the low-rank route for
+    each sender's first MLP and the first receiver layer's, and still equal the definition."""
+    m = models64["gqa_bias"]
+    task = toy_ioi(n=5, seed=4, corrupt="first")
+    R = Receivers.parse(recv)
+    senders = [(0, 1), (0, 2), (1, 3)]
+    calls = lowrank_calls(monkeypatch)
+    res = path_patch(m.bridge, task, R, senders=senders, method="fast", batch_size=3)
+    assert res.method == "fast" and not res.notes and calls
+    ref, m_clean, m_corr = naive_path_patch(m.ref, task, R, senders)
+    scale = max(abs(m_clean - m_corr), 1e-3)
+    for (l, h), v in ref.items():
+        assert abs(float(res.raw[l, h]) - v) <= PP_TOL * scale, ((l, h), float(res.raw[l, h]), v)
 
 
 def test_path_patching_on_mha_float32(models, task):

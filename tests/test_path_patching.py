@@ -206,6 +206,85 @@ def test_split_qkv_flag_restored_on_error(models):
     assert not bridge.cfg.use_split_qkv_input
 
 
+# ---------------------------------------------------------------------------- worst case: low-rank MLPs
+
+
+def lowrank_calls(monkeypatch) -> list[int]:
+    """Take the fast engine's low-rank MLP route wherever the layout allows (on these tiny shapes it would not
+    pay everywhere) and count its evaluations, so a test knows that it ran (or did not)."""
+    from circuit_tests import path_patching as pp
+
+    calls: list[int] = []
+    real = pp._lowrank_mlp
+    monkeypatch.setattr(pp._LowRankClean, "pays", lambda self, senders, k: True)
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(pp, "_lowrank_mlp", counted)
+    return calls
+
+
+WORST_RECEIVERS = [["logits"], ["a2.h1<q>"], ["a1.h2<k>", "a2.h3<v>"], ["a1.h0<q>", "a1.h3<v>", "a2.h2<k>"]]
+EARLY_SENDERS = [(0, 1), (0, 3), (1, 2)]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("recv", WORST_RECEIVERS, ids=lambda r: "+".join(r))
+def test_worst_case_low_rank_mlps_equal_definition(models, tasks, monkeypatch, kind, dtype, recv):
+    """Token 0 corrupted, so every position differs and nothing is skipped: the first MLP each sender
+    reaches (and, sequential blocks, the first receiver layer's MLP) run on the low-rank route."""
+    calls = lowrank_calls(monkeypatch)
+    bridge, task, R = models[(kind, dtype)], tasks["first"], Receivers.parse(recv)
+    res = path_patch(bridge, task, R, senders=EARLY_SENDERS, method="fast", batch_size=4)
+    assert res.method == "fast" and not res.notes and calls
+    ref, m_clean, m_corr = naive_path_patch(bridge, task, R, EARLY_SENDERS)
+    assert_matches(res, ref, m_clean, m_corr, dtype)
+
+
+def test_low_rank_route_only_where_it_pays():
+    """GPT-2-small shapes (12 heads x 64 over d_model 768), 16 examples: 12 senders' first MLP pays at 32 positions
+    (q receivers, every position differs), not at END only (logits: the writer matrices cost more)."""
+    from types import SimpleNamespace
+
+    from circuit_tests.path_patching import _LowRankClean
+
+    W = SimpleNamespace(W_O=torch.zeros(12, 12, 64, 768))
+    at = lambda rows: _LowRankClean(W, None, None, rows, {}, 0)
+    assert at(16 * 32).pays(12, 64) and at(16 * 32).pays(108, 128)
+    assert not at(16).pays(12, 64) and not at(16 * 32).pays(108, 768)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox"])
+def test_mlp_the_decomposition_does_not_reproduce_keeps_the_modules(models, tasks, monkeypatch, kind):
+    """A layout read wrongly (here: another activation) fails the per-batch check against ``hook_mlp_out``
+    and runs exactly as a layout that cannot be read at all: the bridge's modules, no low-rank route."""
+    from circuit_tests import path_patching as pp
+
+    bridge, task = models[(kind, "float64")], tasks["first"]
+    R = Receivers.parse(["a2.h1<q>", "a1.h2<v>"])
+    calls = lowrank_calls(monkeypatch)
+    real_init = pp._MLPMats.__init__
+
+    def wrong_activation(self, bridge, l):
+        real_init(self, bridge, l)
+        self.act = torch.relu
+
+    def unreadable(self, bridge, l):
+        raise AttributeError("no W_in")
+
+    monkeypatch.setattr(pp._MLPMats, "__init__", wrong_activation)
+    checked = path_patch(bridge, task, R, senders=EARLY_SENDERS, method="fast", batch_size=4)
+    monkeypatch.setattr(pp._MLPMats, "__init__", unreadable)
+    modules = path_patch(bridge, task, R, senders=EARLY_SENDERS, method="fast", batch_size=4)
+    assert not calls and checked.method == modules.method == "fast"
+    torch.testing.assert_close(checked.raw, modules.raw, rtol=0, atol=0, equal_nan=True)
+    ref, m_clean, m_corr = naive_path_patch(bridge, task, R, EARLY_SENDERS)
+    assert_matches(checked, ref, m_clean, m_corr, "float64")
+
+
 # ------------------------------------------------------------------------------------------- ratios
 
 
