@@ -31,7 +31,8 @@ receiver head there). With ``ln2(y) = gamma * center(y) / s(y) + beta`` the inpu
 by all senders and each row costs ``d_head`` instead of ``d_model`` columns (``s(y)`` from the explicit
 input). These plain matrices (``_MLPMats``) are checked against ``hook_mlp_out`` on every batch; a layer
 they do not reproduce keeps the modules. In parallel blocks the first receiver layer's MLP reads the clean
-``resid_pre``: its cached output is used.
+``resid_pre``: its cached output is used. GPT-2's ``NewGELUActivation`` runs as the fused op of the same
+formula while the engine computes (``_fused_activations``).
 Cost: per sender, the MLPs from its layer up to the receiver layer plus the layers from the first receiver
 layer on, at the computed positions; beyond those clean products nothing is shared between senders (each
 sender's residual stream differs wherever the corruption reaches). Keys/values are computed once per
@@ -286,7 +287,8 @@ def path_patch(bridge: Any, task: Any, receivers: Receivers | str | Sequence[str
             b = _Batch(task, idx, dev)
             if used == "fast":
                 try:
-                    vals, m_clean, m_corr = _fast_batch(bridge, W, b, snd, recv, metric, max_rows, state, N)
+                    with _fused_activations(bridge):
+                        vals, m_clean, m_corr = _fast_batch(bridge, W, b, snd, recv, metric, max_rows, state, N)
                 except _SelfCheckFailed as e:
                     if method == "fast":
                         raise RuntimeError(f"fast path patching cannot reproduce this model exactly: {e}") from e
@@ -319,6 +321,34 @@ def path_patch(bridge: Any, task: Any, receivers: Receivers | str | Sequence[str
 
 class _SelfCheckFailed(Exception):
     pass
+
+
+# Activation modules that spell a fused torch op as several elementwise passes -> the fused op (same formula).
+_FUSED_ACTIVATIONS: dict[str, Any] = {"NewGELUActivation": lambda: torch.nn.GELU(approximate="tanh")}
+
+
+@contextlib.contextmanager
+def _fused_activations(bridge: Any) -> Iterator[None]:
+    """Run the MLPs' activation as one fused op while the fast engine computes; restored after, also on error.
+
+    GPT-2's ``NewGELUActivation`` writes the tanh GELU out in eight elementwise passes: 15 ms vs 2.6 ms for
+    ``nn.GELU(approximate="tanh")`` on 512 x 3072 rows, about a fifth of an MLP, and MLPs are most of path
+    patching's cost. Same formula, so the numbers agree to float rounding (the self-checks compare with it).
+    """
+    swapped: list[tuple[torch.nn.Module, str, Any]] = []
+    try:
+        for blk in getattr(bridge, "blocks", []):
+            hf = getattr(getattr(blk, "mlp", None), "original_component", None)
+            for name in ("act", "act_fn"):
+                act = getattr(hf, name, None) if isinstance(hf, torch.nn.Module) else None
+                make = _FUSED_ACTIVATIONS.get(type(act).__name__)
+                if make is not None:
+                    setattr(hf, name, make())
+                    swapped.append((hf, name, act))
+        yield
+    finally:
+        for hf, name, act in reversed(swapped):
+            setattr(hf, name, act)
 
 
 def _head(x: Head | str) -> Head:

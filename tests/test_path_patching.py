@@ -320,3 +320,33 @@ def test_ratio_stable_across_runs(models, tasks):
     r0, r1 = (path_patch_ratio(r.effects, cls) for r in runs)
     assert r0 == r1
     assert 0 <= r0["absolute"] <= 1
+
+
+def test_gpt2_gelu_runs_as_the_fused_op_while_patching_and_is_restored(models, tasks, monkeypatch):
+    """GPT-2's NewGELUActivation (eight elementwise passes) runs as nn.GELU(approximate="tanh") inside the fast
+    engine: not called once, the result still equals the definition, and the model gets its own modules back,
+    also when the engine raises."""
+    from circuit_tests import path_patching as pp
+
+    bridge, task = models[("gpt2", "float64")], tasks["first"]
+    acts = [blk.mlp.original_component.act for blk in bridge.blocks]
+    assert {type(a).__name__ for a in acts} == {"NewGELUActivation"}
+    calls: list[int] = []
+    real_forward = type(acts[0]).forward
+    monkeypatch.setattr(type(acts[0]), "forward", lambda self, x: calls.append(1) or real_forward(self, x))
+    R = Receivers.parse(["a2.h1<q>"])
+    res = path_patch(bridge, task, R, senders=EARLY_SENDERS, method="fast", batch_size=4)
+    assert res.method == "fast" and calls == []
+    assert all(blk.mlp.original_component.act is a for blk, a in zip(bridge.blocks, acts))
+    ref, m_clean, m_corr = naive_path_patch(bridge, task, R, EARLY_SENDERS)
+    assert calls  # the reference ran the model's own activation
+    assert_matches(res, ref, m_clean, m_corr, "float64")
+
+    def boom(*args, **kwargs):
+        assert type(bridge.blocks[0].mlp.original_component.act) is torch.nn.GELU
+        raise RuntimeError("engine failed")
+
+    monkeypatch.setattr(pp, "_fast_batch", boom)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        path_patch(bridge, task, R, senders=EARLY_SENDERS, method="fast", batch_size=4)
+    assert all(blk.mlp.original_component.act is a for blk, a in zip(bridge.blocks, acts))
