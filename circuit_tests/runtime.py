@@ -11,7 +11,7 @@ bit-for-bit determinism on CPU needs a fixed count; ``HF_HUB_OFFLINE`` makes an 
 milliseconds instead of ~23 s of retries. huggingface_hub reads that variable when it is imported, so when it is
 already imported the scope also flips ``huggingface_hub.constants.HF_HUB_OFFLINE`` (and restores it).
 ``USE_HUB_KERNELS=NO`` (unless set): transformers >= 5.25 "kernelizes" every ``from_pretrained`` model with code
-from the hub by default (remote code, another implementation of the numbers, ~2 s per load here); an explicit
+from the hub by default (remote code, another implementation of the numbers, 2 s on a first load here); an explicit
 value in the environment is respected.
 
 ``configure()`` is the process-wide form for processes that own their runtime (the ``circuit-tests`` CLI,
