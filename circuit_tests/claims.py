@@ -104,6 +104,7 @@ def _role_score_details(r: Record, bounds: str) -> list[str]:
     if "per_head" not in x:
         return []
     return [f"  measured:      {fmt(r.value)} ({x.get('score')} score, {x.get('quantifier')}; {x.get('unit')})   threshold: {bounds}",
+            f"  reached min:   {x.get('earned', '?')} claimed heads",
             "  per head:      " + ", ".join(f"{h} {fmt(v)}" for h, v in x["per_head"].items())]
 
 
@@ -143,6 +144,56 @@ def _path_ratio_details(r: Record, bounds: str) -> list[str]:
             "  sender effects: " + ", ".join(f"{h} {fmt(v)}" for h, v in x.get("effects", {}).items())]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# role_check: every head labelled with a role earns it by its own scores (roles.ROLE_CRITERIA)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _role_check(run: Any, res: Any, claim: Any, rec: Record) -> Any:
+    from .measures import Measurement
+    from .roles import ROLE_CRITERIA, check_roles
+
+    roles = run.loaded.spec.circuit.roles
+    members = roles[claim.role]
+    rec.threshold_min = 1.0
+    key = ("role_check", claim.role, tuple(members), claim.n_seq, claim.seq_len, claim.seed,
+           tuple(roles.get("name_mover", ())) if claim.role == "s_inhibition" else ())
+    if key not in res.cache:
+        res.cache[key] = check_roles(res.bridge, res.task, {claim.role: members}, bos=res.prepend_bos,
+                                     n_seq=claim.n_seq, seq_len=claim.seq_len, seed=claim.seed,
+                                     name_movers=roles.get("name_mover", []))
+    ev = res.cache[key]
+    verdicts = ev.of_role(claim.role, members)
+    crit = ROLE_CRITERIA[claim.role]
+    numbers: dict[str, Any] = {"role": claim.role, "criterion": crit.rule, "criterion_source": crit.source,
+                               "unit": "fraction of labelled heads that earned the role",
+                               "per_head": {v.head: v.to_json() for v in verdicts}}
+    unjudged = [v for v in verdicts if v.earned is None]
+    if unjudged:
+        return Measurement("not_evaluated", None, f"{claim.role}: " + "; ".join(sorted({v.why for v in unjudged})),
+                           "", numbers)
+    earned = [v.head for v in verdicts if v.earned]
+    numbers["earned"] = f"{len(earned)} of {len(verdicts)}"
+    value = len(earned) / len(verdicts)
+    if value == 1.0:
+        return Measurement("pass", value, "", "", numbers)
+    why = "; ".join(f"{v.head}: {v.why}" for v in verdicts if not v.earned)
+    return Measurement("fail", value, f"{claim.role}: {len(earned)} of {len(verdicts)} labelled heads earned the "
+                       f"role ({crit.rule}); {why}", "", numbers)
+
+
+def _role_check_details(r: Record, bounds: str) -> list[str]:
+    x = r.extra
+    if "per_head" not in x:
+        return []
+    return [f"  measured:      {x.get('earned', fmt(r.value))} labelled heads earned {x.get('role')!r}   (criterion: "
+            f"{x.get('criterion')}; {x.get('criterion_source')})",
+            "  per head:      " + "; ".join(f"{h} {'earned' if v.get('earned') else 'NOT earned'}"
+                                          + "".join(f", {k} {fmt(n)}" for k, n in v.items()
+                                                    if isinstance(n, (int, float)) and not isinstance(n, bool))
+                                          for h, v in x["per_head"].items())]
+
+
 register("faithfulness", _faithfulness, _faithfulness_details)
 register("role_score", _role_score, _role_score_details)
 register("path_ratio", _path_ratio, _path_ratio_details)
+register("role_check", _role_check, _role_check_details)

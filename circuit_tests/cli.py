@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -67,6 +68,52 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
 def _scores(args: argparse.Namespace) -> int:
     """Every head's role scores and direct effects for a spec's task at one checkpoint (to decide which heads to name)."""
+    from .scores import scores_table
+
+    loaded, ref, bridge, task = _spec_checkpoint(args)
+    m = loaded.spec.model
+    print(f"{loaded.spec.name} @ {ref.label} ({m.source}); task {loaded.spec.task.name}, {len(task)} examples")
+    print(scores_table(bridge, task, roles={k: list(v) for k, v in loaded.spec.circuit.roles.items()}))
+    return 0
+
+
+def _roles(args: argparse.Namespace) -> int:
+    """Label the circuit's heads from their measured scores (roles.ROLE_CRITERIA) and compare with the spec's labels.
+
+    Exit 1 when a label of the spec is not earned at this checkpoint (0 otherwise), so it can gate a script."""
+    from .names import parse_head
+    from .roles import ROLE_CRITERIA, assign_roles, format_assignment
+    from .runner import circuit_for, prepend_bos
+
+    loaded, ref, bridge, task = _spec_checkpoint(args)
+    spec = loaded.spec
+    from .graph import Graph
+
+    circuit = circuit_for(loaded, Graph.from_bridge(bridge))
+    heads = sorted((n for n in circuit.nodes if n.startswith("a")), key=parse_head)
+    declared = {k: list(v) for k, v in spec.circuit.roles.items()}
+    print(f"{spec.name} @ {ref.label} ({spec.model.source}); task {spec.task.name}, {len(task)} examples; "
+          f"{len(heads)} circuit heads", file=sys.stderr)
+    a = assign_roles(bridge, task, heads, bos=prepend_bos(spec, ref, bridge), previous=declared,
+                     batch_size=spec.task.batch_size)
+    print(format_assignment(a))
+    roles = {r: hs for r, hs in a.roles.items()}
+    labelled = {h for hs in roles.values() for h in hs}
+    rest = [n for n in sorted(circuit.named_nodes, key=lambda n: (n[0] != "a", n)) if n not in labelled
+            and n not in ("input", "logits")] if hasattr(circuit, "named_nodes") else []
+    print("\n# circuit: block with the measured roles (paste into the spec; heads without an earned role go to nodes)")
+    print("circuit:\n  roles:")
+    for r, hs in roles.items():
+        print(f"    {r}: [{', '.join(hs)}]")
+    if rest:
+        print(f"  nodes: [{', '.join(rest)}]")
+    unearned = [(r, h) for r, hs in declared.items() if r in ROLE_CRITERIA for h in hs
+                if not (a.evidence.verdicts.get((r, h)) and a.evidence.verdicts[(r, h)].earned)]
+    return 1 if unearned else 0
+
+
+def _spec_checkpoint(args: argparse.Namespace) -> tuple:
+    """Load a spec, pick its checkpoint (``--checkpoint`` or the last), load the model and build the task."""
     from pathlib import Path
 
     from .runtime import configure
@@ -75,7 +122,6 @@ def _scores(args: argparse.Namespace) -> int:
     from .errors import ModelLoadError
     from .graph import Graph
     from .runner import circuit_for, prepend_bos
-    from .scores import scores_table
     from .sources import resolve_checkpoints
     from .spec import load_spec
     from .tasks import build_task
@@ -98,9 +144,7 @@ def _scores(args: argparse.Namespace) -> int:
     prepend = prepend_bos(loaded.spec, ref, bridge)
     task = build_task(loaded.spec.task.name, bridge.tokenizer, loaded.spec.task.params,
                       BuildContext(spec_dir=str(loaded.dir), prepend_bos=prepend))
-    print(f"{loaded.spec.name} @ {ref.label} ({m.source}); task {loaded.spec.task.name}, {len(task)} examples")
-    print(scores_table(bridge, task, roles={k: list(v) for k, v in loaded.spec.circuit.roles.items()}))
-    return 0
+    return loaded, ref, bridge, task
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -124,17 +168,19 @@ def _merge(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     """Table, HTML page, step-summary markdown and plots from a results file (e.g. a merged one)."""
     from .compare import compare, summary
-    from .html_report import environment_of, markdown_summary, write_report
+    from .html_report import markdown_summary, write_report
     from .report import table
-    from .results import read_json
+    from .results import read_json, read_results
 
-    records = read_json(args.results)
+    results = read_results(args.results)  # validated: a malformed file is one located error line, exit 2
+    records = results.records
     changes = compare(read_json(args.compare), records, args.tolerance) if args.compare else {}
     print(table(records, changes))
     for line in summary(changes):
         print(f"changed: {line}")
     if args.html:
-        print(f"report: {write_report(records, args.html, changes, environment_of(args.results), plots=not args.no_plots)}")
+        # the file's own environment (code hash, versions, threads): the provenance rows the run's page has
+        print(f"report: {write_report(records, args.html, changes, results.environment, plots=not args.no_plots)}")
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as f:
             f.write(markdown_summary(records, changes))
@@ -156,30 +202,85 @@ def _discover(args: argparse.Namespace) -> int:
     return discover_command(args)
 
 
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in ``[lo, hi]``, so a bad value is a usage error naming the option and the range
+    before any model loads (``--batch-size 0`` used to end in range()'s ValueError, ``--max-edges 0`` was ignored)."""
+    rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {rng}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in the interval (nan, inf and out-of-range values are usage errors)."""
+    rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in {rng}, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {rng}, got {text}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+MAX_BATCH = 4096  # = spec.MAX_BATCH (not imported: building the parser must stay cheap)
+
+
 def _add_discover(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("discover", help="find the smallest circuit reaching a faithfulness target (EAP, EAP-IG or "
-                                        "Edge Pruning) and write it as a spec that passes at once")
+                                        "Edge Pruning) and write it as a spec that passes at once",
+                       description="Find the smallest circuit reaching a faithfulness target and write it as a spec. "
+                                   "The spec is written only once it validates, atomically, never over the input "
+                                   "spec, and over an existing file only with --force. Progress (scoring batches, "
+                                   "search evaluations, ETA) goes to stderr; -q silences it.")
     d.add_argument("spec", help="a spec file (its model and task are used) or a model source (then give --task)")
     d.add_argument("--task", help="task name when SPEC is a model source (zoo:NAME, a local directory, a hub id)")
-    d.add_argument("--task-param", action="append", metavar="KEY=VALUE", help="task parameter (repeatable)")
+    d.add_argument("--task-param", action="append", metavar="KEY=VALUE",
+                   help="task parameter, repeatable; VALUE is read as YAML (size=32, seed=1, corruption=abc, "
+                        "prepend_bos=false). With a spec file the spec's task is kept as written (prepend_bos "
+                        "included) and these override single keys; the keys of every task: docs/tasks.md")
     d.add_argument("--checkpoint", help="step/label, or a comma-separated list (one spec per checkpoint); "
                                         "default: the last checkpoint")
     d.add_argument("--method", choices=("eap", "eap-ig", "edge-pruning"), default="eap-ig")
-    d.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps m (default 5, Have-Faith; Tigges: 30)")
-    d.add_argument("--target", type=float, default=0.8, help="faithfulness the circuit must reach (default 0.8)")
+    d.add_argument("--steps", type=_int_in(1), default=5,
+                   help="EAP-IG integration steps m, >= 1 (default 5, Have-Faith; Tigges: 30)")
+    d.add_argument("--target", type=_float_in(0, 1, lo_open=True), default=0.8,
+                   help="faithfulness the circuit must reach, in (0, 1] (default 0.8)")
     d.add_argument("--normalization", choices=("normalized", "ratio"), default="normalized")
     d.add_argument("--construction", choices=("greedy", "topn"), default="greedy",
                    help="greedy from the logits (Tigges) or plain top-n (MIB)")
     d.add_argument("--level", choices=("edge", "node"), default="edge", help="write the edges, or only the nodes")
-    d.add_argument("--margin", type=float, default=0.05, help="claim threshold = measured - margin (default 0.05)")
-    d.add_argument("--max-edges", type=int, help="largest circuit tried (default: every edge)")
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--sparsity", type=float, default=0.95, help="Edge Pruning target edge sparsity")
-    d.add_argument("--train-steps", type=int, default=200, help="Edge Pruning optimiser steps")
-    d.add_argument("--seed", type=int, default=0, help="Edge Pruning seed")
+    d.add_argument("--margin", type=_float_in(0, 1), default=0.05,
+                   help="claim threshold = measured - margin, in [0, 1] (default 0.05)")
+    d.add_argument("--max-edges", type=_int_in(1),
+                   help="largest circuit tried, >= 1 (default: every edge); the written circuit has at most this "
+                        "many edges (at --level node: the edge circuit whose nodes are written)")
+    d.add_argument("--batch-size", type=_int_in(1, MAX_BATCH), default=16,
+                   help=f"examples per forward pass, in [1, {MAX_BATCH}] (default 16)")
+    d.add_argument("--sparsity", type=_float_in(0, 1, hi_open=True), default=0.95,
+                   help="Edge Pruning target edge sparsity, in [0, 1) (default 0.95)")
+    d.add_argument("--train-steps", type=_int_in(1), default=200, help="Edge Pruning optimiser steps, >= 1 (default 200)")
+    d.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="Edge Pruning seed, in [0, 2^32 - 1]")
     d.add_argument("--name", help="spec name (default: the input spec's name + '-discovered')")
     d.add_argument("--graph-json", metavar="FILE", help="also write the circuit and scores as EAP-IG graph JSON")
-    d.add_argument("-o", "--out", required=True, help="the spec file to write (e.g. found.circuit.yaml)")
+    d.add_argument("-o", "--out", required=True, help="the spec file to write (e.g. found.circuit.yaml); never the "
+                                                      "input spec")
+    d.add_argument("--force", action="store_true", help="replace an existing -o / --graph-json file")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     d.set_defaults(fn=_discover)
 
 
@@ -214,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("spec", help="a spec file (its model, task and roles are used)")
     sc.add_argument("--checkpoint", help="step or label (default: the last checkpoint)")
     sc.set_defaults(fn=_scores)
+    ro = sub.add_parser("roles", help="label a spec's circuit heads from their measured scores (criteria: "
+                                      "docs/roles.md), compare with the spec's labels, list strong heads without a "
+                                      "role; exit 1 when a spec label is not earned")
+    ro.add_argument("spec", help="a spec file (its model, task and circuit are used)")
+    ro.add_argument("--checkpoint", help="step or label (default: the last checkpoint)")
+    ro.set_defaults(fn=_roles)
     mg = sub.add_parser("merge", help="merge results files of shards (pytest --circuit-json per CI job) into one; "
                                       "refuses mixed code versions and duplicated items")
     mg.add_argument("results", nargs="+", help="results files written by pytest --circuit-json")

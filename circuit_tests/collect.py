@@ -56,7 +56,7 @@ class SpecFile(pytest.File):
                       not_evaluated=cfg.getoption("circuit_not_evaluated", "skip"),
                       strict=bool(cfg.getoption("circuit_strict", False)))
         for ref in refs:
-            yield CheckpointNode.from_parent(self, name=ref.label, run=run, ref=ref)
+            yield CheckpointNode.from_parent(self, name=ref.label, nodeid=_child_id(self, ref.label), run=run, ref=ref)
 
 
 class CheckpointNode(pytest.Collector):
@@ -68,7 +68,8 @@ class CheckpointNode(pytest.Collector):
 
     def collect(self) -> Iterator[pytest.Item]:
         for i, cid in enumerate(self.run.loaded.spec.claim_ids()):
-            yield ClaimItem.from_parent(self, name=f"{cid}[{self.ref.label}]", index=i)
+            name = f"{cid}[{self.ref.label}]"
+            yield ClaimItem.from_parent(self, name=name, nodeid=_child_id(self, name), index=i)
 
     def teardown(self) -> None:
         self.run.evaluations.pop(self.ref.label, None)
@@ -131,6 +132,16 @@ class ClaimItem(pytest.Item):
     def reportinfo(self) -> tuple[Path, int, str]:
         loaded = self._node.run.loaded
         return self.path, loaded.line_of("claims", self.index) - 1, f"{loaded.spec.name} @ {self._node.ref.label}: {self.name}"
+
+
+def _child_id(parent: pytest.Node, name: str) -> str:
+    """The child's node id as a string, so pytest parses it the way it parses ids read back from its cache.
+
+    pytest >= 9.2 keeps structured ids and compares them field by field: the default ``parent.id.child(name)``
+    puts ``faithfulness[step2000]`` whole into the names, while the id ``--lf``/``--ff``/``--sw`` read back from
+    ``.pytest_cache`` parses ``[step2000]`` as parameters, so no spec item matched its own recorded failure. A string
+    id is parsed the same way on both sides (and is what pytest < 9.2 stores anyway)."""
+    return f"{parent.nodeid}::{name}"
 
 
 class ClaimError(Exception):

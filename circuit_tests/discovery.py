@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
+import re
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
 
 import torch
 
@@ -196,18 +201,37 @@ def _count_nodes(graph: Graph, mask: torch.Tensor) -> int:
     return len(mask_to_circuit(graph, mask).nodes)
 
 
+def search_budget(cap: int, start: int, local: int) -> int:
+    """An upper bound on the engine evaluations ``minimal_circuit`` makes (for progress and its ETA): the doublings
+    from ``start`` to ``cap``, a binary search below ``cap`` and the ``n ± local`` scan."""
+    start = min(max(1, start), cap)
+    doublings = math.ceil(math.log2(cap / start)) + 1 if cap > start else 1
+    return doublings + math.ceil(math.log2(max(cap, 2))) + 2 * local + 1
+
+
 def minimal_circuit(evaluator: CircuitEvaluator, scores: torch.Tensor, real: torch.Tensor, *, target: float = 0.8,
                     normalization: str = "normalized", construction: str = "greedy", absolute: bool = True,
-                    start: int | None = None, max_edges: int | None = None, local: int = 5) -> SearchResult:
+                    start: int | None = None, max_edges: int | None = None, local: int = 5,
+                    progress: Callable[[CurvePoint, int], None] | None = None) -> SearchResult:
     """Smallest n (edges asked for) whose pruned circuit reaches ``target``; the whole evaluated curve is kept.
 
     Upper bound: from ``start`` (default 5% of the edges, Tigges' range) doubling up to ``max_edges`` (default
     all edges); binary search between the largest failing and the smallest passing n; then every n within
     ``local`` of the found n, since the curve is not monotone. Circuits identical after pruning are evaluated once.
+    Every circuit tried holds at most ``max_edges`` edges (pruning only removes edges). ``progress(point,
+    evaluations)`` is called after each engine evaluation, so a long search is not silent.
     """
+    if max_edges is not None and max_edges < 1:  # 0 used to mean "no limit" through `max_edges or E`
+        raise ValueError(f"max_edges must be >= 1 (a circuit needs an edge), got {max_edges}")
+    if start is not None and start < 1:
+        raise ValueError(f"start must be >= 1, got {start}")
+    if local < 0:
+        raise ValueError(f"local must be >= 0, got {local}")
+    if not math.isfinite(target):
+        raise ValueError(f"target must be a finite number, got {target}")
     g = evaluator.graph
     E = int(real.sum())
-    cap = min(max_edges or E, E)
+    cap = E if max_edges is None else min(max_edges, E)
     memo: dict[int, CurvePoint] = {}
     by_mask: dict[bytes, CurvePoint] = {}
     masks: dict[int, torch.Tensor] = {}
@@ -227,6 +251,8 @@ def minimal_circuit(evaluator: CircuitEvaluator, scores: torch.Tensor, real: tor
             last = evaluator(mask)
             pt = CurvePoint(n, int(mask.sum()), _count_nodes(g, mask), faithfulness_value(last, normalization), last.m_C)
             by_mask[k] = pt
+            if progress is not None:
+                progress(pt, evaluator.n_evaluations - before)
         memo[n], masks[n] = pt, mask
         return pt.faithfulness
 
@@ -290,11 +316,6 @@ def mib_areas(evaluator: CircuitEvaluator, scores: torch.Tensor, real: torch.Ten
 
 # ------------------------------------------------------------------ discover: scores -> circuit -> spec
 
-ROLE_THRESHOLDS = {  # a head joins a role when its score reaches this (units as in scores.py / spec.SCORE_UNITS)
-    "induction": 0.4, "previous_token": 0.4, "duplicate_token": 0.4, "name_mover": 20.0, "copy_suppression": 20.0,
-}
-
-
 @dataclass
 class Discovery:
     """One checkpoint's discovered circuit and how it was found."""
@@ -314,13 +335,32 @@ class Discovery:
 
 
 def edge_scores(bridge: Any, task: Any, method: str, *, steps: int = 5, batch_size: int = 16, seed: int = 0,
-                sparsity: float = 0.95, train_steps: int = 200) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``[S, R]`` scores for ranking edges: EAP / EAP-IG attributions or Edge Pruning's learned mask logits."""
+                sparsity: float = 0.95, train_steps: int = 200,
+                progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``[S, R]`` scores for ranking edges: EAP / EAP-IG attributions or Edge Pruning's learned mask logits.
+
+    With ``progress``, EAP / EAP-IG score one batch at a time and call ``progress(batches_done, batches)`` after
+    each; scores are per-example means, so the batches' scores weighted by their sizes are the same scores."""
     if method in ("eap", "eap-ig"):
         from .attribution import attribute
 
-        s = attribute(bridge, task, method=method, steps=steps, batch_size=batch_size)
-        return s.scores, {"alphas": s.info["alphas"]}
+        if progress is None:
+            s = attribute(bridge, task, method=method, steps=steps, batch_size=batch_size)
+            return s.scores, {"alphas": s.info["alphas"]}
+        N = len(task)
+        starts = list(range(0, N, batch_size))
+        total: torch.Tensor | None = None
+        alphas: Any = None
+        for i, start in enumerate(starts):
+            idx = torch.arange(start, min(start + batch_size, N))
+            s = attribute(bridge, task.subset(idx), method=method, steps=steps, batch_size=batch_size)
+            part = s.scores * (len(idx) / N)
+            total = part if total is None else total + part
+            alphas = s.info["alphas"]
+            progress(i + 1, len(starts))
+        if total is None:
+            raise ValueError("the task has no examples to score")
+        return total, {"alphas": alphas}
     if method == "edge-pruning":
         from .edge_pruning import prune_edges
 
@@ -329,36 +369,98 @@ def edge_scores(bridge: Any, task: Any, method: str, *, steps: int = 5, batch_si
     raise ValueError(f"unknown discovery method {method!r}; expected eap, eap-ig or edge-pruning")
 
 
+def _fmt_seconds(t: float) -> str:
+    if not math.isfinite(t):
+        return "?"
+    return f"{t:.1f} s" if t < 60 else f"{int(t // 60)} min {int(t % 60):02d} s"
+
+
+class Progress:
+    """Progress lines on stderr while ``discover`` runs (minutes on a real model), with an ETA; silent when
+    ``quiet``. Lines of one stage come at most every ``every`` seconds, plus the first and the last."""
+
+    def __init__(self, quiet: bool = False, stream: TextIO | None = None, every: float = 2.0):
+        self.quiet, self.stream, self.every = quiet, stream, every
+        self.t0 = self._last = time.perf_counter()
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"discover: {msg}", file=self.stream or sys.stderr, flush=True)
+
+    def start(self) -> None:
+        """A new stage: elapsed time and ETA count from here."""
+        self.t0 = self._last = time.perf_counter()
+
+    def step(self, what: str, done: int, total: int, detail: str = "", *, at_most: bool = False) -> None:
+        """``done`` of ``total`` units of the current stage; ``at_most``: total is an upper bound."""
+        now = time.perf_counter()
+        if 1 < done < total and now - self._last < self.every:
+            return
+        self._last = now
+        el = now - self.t0
+        eta = el / done * max(0, total - done) if done else float("nan")
+        count = f"{done} (of at most {total})" if at_most else f"{done}/{total}"
+        self.say(f"{what} {count}{detail}; {_fmt_seconds(el)} elapsed, ETA {'<= ' if at_most else ''}"
+                 f"{_fmt_seconds(eta)}")
+
+
 def discover(bridge: Any, task: Any, *, method: str = "eap-ig", steps: int = 5, target: float = 0.8,
              normalization: str = "normalized", construction: str = "greedy", level: str = "edge",
              batch_size: int = 16, max_edges: int | None = None, local: int = 5, seed: int = 0,
-             sparsity: float = 0.95, train_steps: int = 200, prepend_bos: bool = True) -> Discovery:
-    """Scores, the smallest circuit reaching ``target`` and the roles of its heads, for one checkpoint."""
-    import time
+             sparsity: float = 0.95, train_steps: int = 200, prepend_bos: bool = True,
+             progress: Progress | None = None) -> Discovery:
+    """Scores, the smallest circuit reaching ``target`` and the roles of its heads, for one checkpoint.
 
+    ``max_edges`` bounds every edge circuit considered, Edge Pruning's own circuit included (at ``level='node'``
+    it bounds the edge circuit whose nodes are written)."""
     from .attribution import real_edge_mask
 
+    if max_edges is not None and max_edges < 1:
+        raise ValueError(f"max_edges must be >= 1 (a circuit needs an edge), got {max_edges}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pg = progress or Progress(quiet=True)
     t0 = time.perf_counter()
+    pg.start()
+    if method == "edge-pruning":
+        pg.say(f"scoring: training Edge Pruning masks ({train_steps} steps, target sparsity {sparsity:g}) ...")
+        on_batch = None
+    else:
+        what = f"scoring ({'EAP-IG, ' + str(steps) + ' steps' if method == 'eap-ig' else 'EAP'}): batch"
+        on_batch = lambda done, total: pg.step(what, done, total)  # noqa: E731
     scores, info = edge_scores(bridge, task, method, steps=steps, batch_size=batch_size, seed=seed,
-                               sparsity=sparsity, train_steps=train_steps)
+                               sparsity=sparsity, train_steps=train_steps, progress=on_batch)
     t1 = time.perf_counter()
+    pg.say(f"scores done in {_fmt_seconds(t1 - t0)}")
     ev = CircuitEvaluator(bridge, task, batch_size=batch_size)
     real = real_edge_mask(ev.graph)
+    E = int(real.sum())
+    cap = E if max_edges is None else min(max_edges, E)
+    budget = search_budget(cap, math.ceil(0.05 * E), local)
+    pg.start()
+
+    def on_eval(pt: CurvePoint, k: int) -> None:
+        pg.step("search: evaluation", k, max(budget, k), f": n={pt.n} -> {pt.edges} edges, {normalization} "
+                f"faithfulness {pt.faithfulness:.3f}", at_most=True)
+
     res = minimal_circuit(ev, scores, real, target=target, normalization=normalization, construction=construction,
-                          max_edges=max_edges, local=local)
+                          max_edges=max_edges, local=local, progress=on_eval)
     t2 = time.perf_counter()
+    pg.say(f"search done in {_fmt_seconds(t2 - t1)} ({res.n_evaluations} evaluations)")
     d = Discovery(method, steps if method == "eap-ig" else 1, res, None, scores, t1 - t0, t2 - t1, level, info=info)
     if "edge_pruning" in info:  # the learned circuit itself (mask > 0.5, pruned), for the record
         ep = info["edge_pruning"]
         ep_mask = prune(ev.graph, ep.mask)
         f = ev(ep_mask)
         fv = faithfulness_value(f, normalization)
-        d.info["edge_pruning_circuit"] = {"edges": int(ep_mask.sum()), "faithfulness": fv,
+        n_ep = int(ep_mask.sum())
+        d.info["edge_pruning_circuit"] = {"edges": n_ep, "faithfulness": fv,
                                           "target_sparsity": ep.target_sparsity, "steps": ep.steps}
         # the learned circuit itself competes with the search over its mask logits (many logits saturate, so
-        # their order says little among the kept edges): the smaller faithful one is the answer
-        if fv >= target and (not res.found or int(ep_mask.sum()) < res.point.edges):  # type: ignore[union-attr]
-            pt = CurvePoint(int(ep_mask.sum()), int(ep_mask.sum()), _count_nodes(ev.graph, ep_mask), fv, f.m_C)
+        # their order says little among the kept edges): the smaller faithful one is the answer — within max_edges
+        if fv >= target and n_ep >= 1 and (max_edges is None or n_ep <= max_edges) and \
+                (not res.found or n_ep < res.point.edges):  # type: ignore[union-attr]
+            pt = CurvePoint(n_ep, n_ep, _count_nodes(ev.graph, ep_mask), fv, f.m_C)
             res.mask, res.n, res.point = ep_mask, None, pt
             d.info["edge_pruning_circuit"]["chosen"] = True
     if not res.found:
@@ -372,34 +474,29 @@ def discover(bridge: Any, task: Any, *, method: str = "eap-ig", steps: int = 5, 
         d.claim_value = faithfulness_value(ev(circuit), normalization)
     d.circuit = circuit
     heads = sorted(n for n in circuit.nodes if n.startswith("a"))
-    d.roles, d.role_scores = assign_roles(bridge, task, heads, prepend_bos)
+    if heads:
+        pg.say(f"role scores of {len(heads)} heads ...")
+    d.roles, d.role_scores, d.info["unlabelled_strong"] = assign_roles(bridge, task, heads, prepend_bos, batch_size)
     return d
 
 
-def assign_roles(bridge: Any, task: Any, heads: Sequence[str], prepend_bos: bool = True
-                 ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
-    """Group ``heads`` by the role whose score (scores.py) they reach best, relative to ``ROLE_THRESHOLDS``."""
-    from . import scores as sc
+def assign_roles(bridge: Any, task: Any, heads: Sequence[str], prepend_bos: bool = True, batch_size: int = 32
+                 ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]], list[str]]:
+    """The roles ``heads`` earn by their own scores (``roles.assign_roles``, criteria in docs/roles.md), each labelled
+    head's deciding numbers, and the heads with a strong direct effect but no role (for the spec's comments)."""
+    from .roles import assign_roles as earned
 
     if not heads:
-        return {}, {}
-    tables: dict[str, Any] = {}
-    bos_id = getattr(getattr(bridge, "tokenizer", None), "bos_token_id", None)
-    rep = sc.repeated_sequence_scores(bridge, n_seq=16, seq_len=30, seed=0, bos=prepend_bos and bos_id is not None,
-                                      bos_id=bos_id)
-    tables.update({k: rep[k] for k in ("previous_token", "induction", "duplicate_token")})
-    if all(k in getattr(task, "positions", {}) for k in ("IO", "S1", "S2")):
-        tables["name_mover"] = sc.name_mover(bridge, task)
-        tables["copy_suppression"] = sc.copy_suppression(bridge, task)
-    roles: dict[str, list[str]] = {}
+        return {}, {}, []
+    a = earned(bridge, task, heads, bos=prepend_bos, batch_size=batch_size)
     per_head: dict[str, dict[str, float]] = {}
-    for h in heads:
-        vals = {r: t[h] for r, t in tables.items() if not t.not_evaluated and t[h] == t[h]}
-        per_head[h] = vals
-        rel = {r: v / ROLE_THRESHOLDS[r] for r, v in vals.items() if v >= ROLE_THRESHOLDS[r]}
-        if rel:
-            roles.setdefault(max(rel, key=rel.get), []).append(h)  # type: ignore[arg-type]
-    return roles, per_head
+    for role, hs in a.roles.items():
+        for h in hs:
+            v = a.evidence.verdicts[(role, h)]
+            per_head.setdefault(h, {}).update({f"{role}.{k}": x for k, x in v.scores.items()
+                                               if isinstance(x, float) and k != "mean_over_heads"})
+    strong = [f"{h} {a.direct_effect[h]:+.3f}" for h in a.unlabelled_strong]
+    return a.roles, per_head, strong
 
 
 def claim_threshold(value: float, margin: float) -> float:
@@ -463,9 +560,12 @@ def spec_document(d: Discovery, *, name: str, source: str, checkpoint: Any, task
                      + (" — smaller than the search's, so it is the circuit written below." if e.get("chosen") else "."))
     lines.append(f"# Claim threshold = measured {d.claim_value:.4f} - margin {margin:g}, rounded down.")
     if d.role_scores:
-        lines.append("# Roles from scores.py (" + ", ".join(f"{k} >= {v:g}" for k, v in ROLE_THRESHOLDS.items()) + "):")
+        lines.append("# Roles earned by each head's own scores (criteria: docs/roles.md; checked at every run by the "
+                     "role_check items):")
         for h, vals in sorted(d.role_scores.items()):
             lines.append(f"#   {h}: " + ", ".join(f"{k} {v:.3g}" for k, v in vals.items()))
+    if d.info.get("unlabelled_strong"):
+        lines.append("# Heads with |direct effect| >= 0.05 and no role: " + ", ".join(d.info["unlabelled_strong"]))
     lines += [f"# Time: scores {d.seconds_attribution:.1f} s, search {d.seconds_search:.1f} s.",
               "# Curve (n asked:edges kept=faithfulness):"]
     for i in range(0, len(r.curve), 8):
@@ -475,97 +575,238 @@ def spec_document(d: Discovery, *, name: str, source: str, checkpoint: Any, task
 
 # ------------------------------------------------------------------ the `circuit-tests discover` command
 
-def _task_from_args(spec_or_source: str, task_name: str | None, task_params: Sequence[str]) -> tuple[Any, dict[str, Any], Any]:
-    """(model spec, task dict, LoadedSpec or None) from a spec file or from a model source plus --task."""
-    from pathlib import Path
+def _parse_task_params(task_params: Sequence[str]) -> dict[str, Any]:
+    """``--task-param KEY=VALUE`` items as a dict; VALUE is read as YAML (``32``, ``false``, ``abc``), as in a spec."""
+    import yaml
 
     from .errors import SpecError
-    from .spec import load_spec
 
+    out: dict[str, Any] = {}
+    for kv in task_params:
+        k, sep, v = kv.partition("=")
+        k = k.strip()
+        if not sep or not k:
+            raise SpecError(f"--task-param {kv!r}: expected KEY=VALUE (e.g. prepend_bos=false, size=32)")
+        if k == "name":
+            raise SpecError(f"--task-param {kv!r}: the task is named by the spec or by --task, not by a parameter")
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise SpecError(f"--task-param {kv!r}: VALUE is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return out
+
+
+def _task_from_args(spec_or_source: str, task_name: str | None, task_params: Sequence[str]) -> tuple[Any, dict[str, Any], Any]:
+    """(model spec, task dict, LoadedSpec or None) from a spec file or from a model source plus --task.
+
+    A spec's task is kept as written — every parameter, ``prepend_bos`` and ``batch_size`` included, so that
+    discover measures what the spec measures — and ``--task-param`` overrides single keys of it."""
+    from .errors import SpecError
+    from .spec import ModelSpec, load_spec
+
+    overrides = _parse_task_params(task_params)
     p = Path(spec_or_source)
-    if p.suffix in (".yaml", ".yml") and p.exists():
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise SpecError(f"{p}: no such spec file")
         loaded = load_spec(p)
-        task = loaded.spec.task.model_dump(exclude_none=True)
-        if task.get("batch_size") == 32:
-            task.pop("batch_size")
         if task_name:
-            raise SpecError(f"--task is given with a spec file ({p}); the spec's task {task['name']!r} is used — drop --task")
-        for kv in task_params:
-            k, _, v = kv.partition("=")
-            task[k] = _scalar(v)
+            raise SpecError(f"--task is given with a spec file ({p}); the spec's task {loaded.spec.task.name!r} is "
+                            "used — drop --task")
+        task = loaded.spec.task.model_dump(exclude_none=True)
+        if "batch_size" not in loaded.spec.task.model_fields_set:
+            task.pop("batch_size", None)  # the default: not written into the discovered spec
+        task.update(overrides)
         return loaded.spec.model, task, loaded
     if not task_name:
         raise SpecError(f"{spec_or_source!r} is not a spec file (.yaml); with a model source, --task NAME is required")
-    from .spec import ModelSpec
-
-    task = {"name": task_name}
-    for kv in task_params:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise SpecError(f"--task-param {kv!r}: expected KEY=VALUE")
-        task[k] = _scalar(v)
-    return ModelSpec(source=spec_or_source), task, None
+    return ModelSpec(source=spec_or_source), {"name": task_name, **overrides}, None
 
 
-def _scalar(v: str) -> Any:
-    import yaml
+def _task_spec(task: dict[str, Any]) -> Any:
+    """The task as a validated ``TaskSpec`` (its parameters checked by the task's own model) before any model loads."""
+    from pydantic import ValidationError
 
-    return yaml.safe_load(v)
+    from .errors import SpecError
+    from .spec import TaskSpec
+    from .tasks import validate_params
+
+    try:
+        t = TaskSpec(**task)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise SpecError(f"task {task.get('name')!r}: {msgs} (from the spec or --task-param)") from None
+    validate_params(t.name, t.params)  # TaskError naming the parameter, e.g. an unknown key or a bad value
+    return t
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file: the same resolved path (symlinks, ``..``) or the same inode (hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_output(path: Path, flag: str, inputs: Sequence[tuple[str, Path]], force: bool,
+                  others: Sequence[tuple[str, Path]] = ()) -> None:
+    """Refuse before any work (and again before writing) what discover must not do to ``path``: overwrite one of
+    its inputs (never, whatever ``force``), write two outputs to one file, replace an existing file without
+    ``--force``, write where it cannot."""
+    from .errors import SpecError
+
+    for what, inp in inputs:
+        if _same_file(path, inp):
+            raise SpecError(f"{flag} {path} is the {what} ({inp}); discover never overwrites its input — write to "
+                            "another file")
+    for what, other in others:
+        if _same_file(path, other):
+            raise SpecError(f"{flag} {path} is also the {what} ({other}); each output needs its own file")
+    if path.is_dir():
+        raise SpecError(f"{flag} {path} is a directory; give a file name")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise SpecError(f"{flag} {path} already exists; pass --force to replace it")
+    d = path.parent.resolve()
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise SpecError(f"{flag} {path}: {d} is not a directory")
+    try:  # a real probe: permission bits say nothing as root or on a read-only mount
+        import tempfile
+
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".discover-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SpecError(f"{flag} {path}: cannot create files in {d} ({e.strerror or e})") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` gets ``text`` through a temporary file in its directory and ``os.replace``: the old file stays whole
+    until the new one is complete (an interrupted run leaves no half-written spec)."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would differ from a file written the ordinary way
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _pick_checkpoints(model: Any, spec_dir: Path, checkpoint: str | None) -> list[Any]:
+    """The checkpoints named by ``--checkpoint`` (labels, steps, comma-separated, each once), else the last one."""
+    from .errors import ModelLoadError, SpecError
+    from .sources import resolve_checkpoints
+
+    wanted = [c.strip() for c in checkpoint.split(",")] if checkpoint is not None else None
+    if wanted is not None and (not all(wanted) or not wanted):
+        raise SpecError(f"--checkpoint {checkpoint!r}: expected step/label[,step/label...] without empty items")
+    refs = resolve_checkpoints(model.source, model.revision, None if wanted else model.checkpoints, spec_dir)
+    if not wanted:
+        return refs[-1:]
+    pick = []
+    for w in wanted:
+        hit = [r for r in refs if r.label in (w, f"step{w}") or str(r.step) == w]
+        if not hit:
+            raise ModelLoadError(f"no checkpoint {w!r} in {model.source}; available: {', '.join(r.label for r in refs)}")
+        if any(r.label == hit[0].label for r in pick):
+            raise SpecError(f"--checkpoint {checkpoint!r} names {hit[0].label} twice")
+        pick.append(hit[0])
+    return pick
 
 
 def discover_command(args: Any) -> int:
-    """Implementation of ``circuit-tests discover`` (see cli.py for the flags)."""
-    from pathlib import Path
+    """Implementation of ``circuit-tests discover`` (see cli.py for the flags).
+
+    A spec is written only after the text produced validates as a spec at its destination, atomically, never over
+    the input spec (or the custom task's data file), and over an existing file only with ``--force``; all of that
+    is checked before the model loads, so a bad ``-o`` costs no minutes of scoring."""
+    from types import SimpleNamespace
 
     from .errors import ModelLoadError, SpecError
     from .runner import prepend_bos
-    from .sources import resolve_checkpoints
-    from .spec import TaskSpec, load_spec
+    from .spec import ID_RE, loads_spec
     from .tasks import build_task
     from .tasks.base import BuildContext
 
+    force = bool(getattr(args, "force", False))
+    pg = Progress(quiet=bool(getattr(args, "quiet", False)))
+    given = _parse_task_params(args.task_param or [])
     model, task_dict, loaded = _task_from_args(args.spec, args.task, args.task_param or [])
+    tspec = _task_spec(task_dict)
     spec_dir = loaded.dir if loaded else Path(".")
-    wanted = [c.strip() for c in args.checkpoint.split(",")] if args.checkpoint else None
-    refs = resolve_checkpoints(model.source, model.revision, None if wanted else model.checkpoints, spec_dir)
-    if wanted:
-        pick = []
-        for w in wanted:
-            hit = [r for r in refs if r.label in (w, f"step{w}") or str(r.step) == w]
-            if not hit:
-                raise ModelLoadError(f"no checkpoint {w!r} in {model.source}; available: {', '.join(r.label for r in refs)}")
-            pick.append(hit[0])
-    else:
-        pick = refs[-1:]
     out = Path(args.out)
     if not out.name.endswith((".yaml", ".yml")):
         raise SpecError(f"-o {out}: the spec file name must end in .yaml (e.g. found.circuit.yaml)")
-    tspec = TaskSpec(**task_dict)
+    if args.name is not None and not re.match(ID_RE, args.name):
+        raise SpecError(f"--name {args.name!r}: a spec name is letters, digits, '_', '.' and '-' only")
+    inputs: list[tuple[str, Path]] = [("input spec", Path(args.spec))] if loaded else []
+    data_path = tspec.params.get("path") if tspec.name == "custom" else None
+    if isinstance(data_path, str):
+        inputs.append(("custom task's data file", Path(spec_dir, data_path)))
+    pick = _pick_checkpoints(model, spec_dir, args.checkpoint)
+    plan: list[tuple[Any, Path, Path | None]] = []
+    for ref in pick:
+        path = out if len(pick) == 1 else out.with_name(out.name.replace(".circuit.yaml", "").rsplit(".", 1)[0]
+                                                         + f".{ref.label}.circuit.yaml")
+        gj = None
+        if args.graph_json:
+            gj = Path(args.graph_json) if len(pick) == 1 else Path(args.graph_json).with_suffix(f".{ref.label}.json")
+        plan.append((ref, path, gj))
+
+    outputs = [(f"{flag} file for {r.label}", q) for r, a, b in plan for flag, q in (("-o", a), ("--graph-json", b))
+               if q is not None]
+
+    def check(path: Path, gj: Path | None) -> None:
+        _check_output(path, "-o", inputs, force, [(w, q) for w, q in outputs if q is not path])
+        if gj is not None:
+            _check_output(gj, "--graph-json", inputs, force, [(w, q) for w, q in outputs if q is not gj])
+
+    for _, path, gj in plan:
+        check(path, gj)
     min_effect = None
     if loaded:
         fc = [c for c in loaded.spec.claims if c.type == "faithfulness" and c.min_effect is not None]
         min_effect = fc[0].min_effect if fc else None
-    written = []
-    for ref in pick:
+    for ref, path, gj in plan:
         reason = ref.unavailable_reason()
         if reason:
             raise ModelLoadError(reason)
+        pg.say(f"{model.source} @ {ref.label}: loading ...")
         bridge = ref.load()
-        from types import SimpleNamespace
-
         prepend = prepend_bos(SimpleNamespace(task=tspec), ref, bridge)  # the rule the spec run will apply
         task = build_task(tspec.name, bridge.tokenizer, tspec.params, BuildContext(spec_dir=str(spec_dir), prepend_bos=prepend))
+        origin = ("--task-param" if "prepend_bos" in given else
+                  "the spec" if tspec.prepend_bos is not None else "this model's default; --task-param "
+                  f"prepend_bos={'false' if prepend else 'true'} to change")
+        pg.say(f"task {tspec.name}, {len(task)} examples, prepend_bos {str(prepend).lower()} ({origin}); "
+               f"{args.method}, batch size {args.batch_size}")
         d = discover(bridge, task, method=args.method, steps=args.steps, target=args.target,
                      normalization=args.normalization, construction=args.construction, level=args.level,
                      batch_size=args.batch_size, max_edges=args.max_edges, seed=args.seed, sparsity=args.sparsity,
-                     train_steps=args.train_steps, prepend_bos=prepend)
+                     train_steps=args.train_steps, prepend_bos=prepend, progress=pg)
         r = d.search
         best = max(r.curve, key=lambda c: c.faithfulness if c.faithfulness == c.faithfulness else -1e9)
         print(f"{ref.label}: {args.method} scores {d.seconds_attribution:.1f} s, search {d.seconds_search:.1f} s "
               f"({r.n_evaluations} engine evaluations)")
         if not r.found:
-            print(f"  no circuit reached {r.normalization} faithfulness {args.target:g}; best {best.faithfulness:.3f} "
-                  f"at {best.edges} edges (n={best.n})")
+            within = f" within --max-edges {args.max_edges}" if args.max_edges is not None else ""
+            print(f"  no circuit reached {r.normalization} faithfulness {args.target:g}{within}; best "
+                  f"{best.faithfulness:.3f} at {best.edges} edges (n={best.n}); nothing written")
             return 1
         if r.point is None or d.circuit is None:  # found without a point would be a search bug: say so, exit 1
             print("  the search reported success but recorded no circuit; nothing written")
@@ -574,23 +815,24 @@ def discover_command(args: Any) -> int:
               f"faithfulness {r.point.faithfulness:.4f}" + (f" (node level: {d.claim_value:.4f})" if args.level == "node" else ""))
         if d.roles:
             print("  roles: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(d.roles.items())))
-        path = out if len(pick) == 1 else out.with_name(out.name.replace(".circuit.yaml", "").rsplit(".", 1)[0]
-                                                         + f".{ref.label}.circuit.yaml")
         name = (args.name or (loaded.spec.name + "-discovered" if loaded else "discovered")) + \
             ("" if len(pick) == 1 else f"-{ref.label}")
         source = model.source
         if not source.startswith("zoo:") and Path(spec_dir, source).exists():  # a local directory: keep it
-            import os                                                            # valid relative to the new spec
-
-            source = os.path.relpath(Path(spec_dir, source).resolve(), path.resolve().parent)
+            source = os.path.relpath(Path(spec_dir, source).resolve(), path.resolve().parent)  # valid from the new spec
+        task_out = dict(task_dict, prepend_bos=prepend)  # recorded, so the spec run measures what discover measured
+        if isinstance(data_path, str) and not Path(data_path).is_absolute():
+            task_out["path"] = os.path.relpath(Path(spec_dir, data_path).resolve(), path.resolve().parent)
         text = spec_document(d, name=name, source=source, checkpoint=ref.step if ref.step is not None else ref.label,
-                             task=task_dict, n_examples=len(task), margin=args.margin, min_effect=min_effect,
+                             task=task_out, n_examples=len(task), margin=args.margin, min_effect=min_effect,
                              construction=args.construction)
-        path.write_text(text)
-        load_spec(path)  # what we wrote must validate
-        written.append(path)
-        print(f"  wrote {path}")
-        if args.graph_json:
+        try:
+            loads_spec(text, path)  # what we write must validate, at its destination (relative paths resolve there)
+        except SpecError as e:
+            raise SpecError(f"the spec discovered at {ref.label} does not validate, so {path} was not written:\n{e}") from None
+        check(path, gj)  # again: a file may have appeared while the model ran
+        gj_text = None
+        if gj is not None:
             import json
 
             from .graph import circuit_to_json
@@ -598,8 +840,11 @@ def discover_command(args: Any) -> int:
             g = d.circuit.graph
             sc = {(g.senders[i], g.receivers[j]): float(d.scores[i, j]) for i, j in real_edge_pairs(g)}
             edge_c = mask_to_circuit(g, r.mask)  # type: ignore[arg-type]
-            gj = Path(args.graph_json) if len(pick) == 1 else Path(args.graph_json).with_suffix(f".{ref.label}.json")
-            gj.write_text(json.dumps(circuit_to_json(edge_c, d_model=int(bridge.cfg.d_model), scores=sc)))
+            gj_text = json.dumps(circuit_to_json(edge_c, d_model=int(bridge.cfg.d_model), scores=sc))
+        _write_atomic(path, text)
+        print(f"  wrote {path}")
+        if gj is not None and gj_text is not None:
+            _write_atomic(gj, gj_text)
             print(f"  wrote {gj} (EAP-IG graph JSON, scores and in_graph)")
     return 0
 

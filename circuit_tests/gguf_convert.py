@@ -8,25 +8,35 @@ The directory is ``<cache_root>/gguf/<sha256 of the GGUF>/`` (``circuit_tests.us
 so a renamed or moved file reuses it and a changed file never does. It is published atomically and holds
 ``config.json``, ``model.safetensors``, the tokenizer files (a directory without them would load with an
 empty tokenizer) and ``circuit_tests_gguf.json``: the GGUF's sha256, file name, quantization type and tensor
-types, the float32 weights' sha256 and the library versions that did the conversion.
+types, the float32 weights' sha256, the sha256 of every file beside it (``files``) and the library versions that
+did the conversion.
+
+Trust: the directory name alone proves nothing (anyone can put another model's conversion there), so every use
+re-checks it (``verify_dir``): the record must name this GGUF sha256 (for a wheel-hosted model, the one pinned
+in ``zoo.wheels``) and every file in the directory must be listed with the sha256 it has on disk. A directory
+that fails is never used: ``convert`` logs why and converts again (``cached_dir`` reports it as not cached).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
-from .user_cache import atomic_dir, cache_root, exclusive, sha256_file
+from .user_cache import Progress, atomic_dir, cache_root, exclusive, sha256_file_cached
 
 __all__ = ["META_FILE", "gguf_installed", "gguf_missing_reason", "converted_dir", "cached_dir", "read_meta",
-           "gguf_sha256", "convert", "conversions"]
+           "verify_dir", "gguf_sha256", "convert", "conversions"]
 
 META_FILE = "circuit_tests_gguf.json"
-_SHA: dict[tuple, str] = {}  # (resolved path, size, mtime_ns) -> sha256, per process
+log = logging.getLogger("circuit_tests")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _CONVERSIONS = [0]  # conversions done by this process (tests check that a cached directory is reused)
 
 
@@ -47,13 +57,8 @@ def conversions() -> int:
 
 
 def gguf_sha256(path: str | Path) -> str:
-    """sha256 of a GGUF file, memoised per process by (path, size, mtime)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA:
-        _SHA[key] = sha256_file(p)
-    return _SHA[key]
+    """sha256 of a GGUF file, memoised per process by (path, device, inode, ctime, size, mtime)."""
+    return sha256_file_cached(path)
 
 
 def converted_dir(sha256: str) -> Path:
@@ -62,9 +67,47 @@ def converted_dir(sha256: str) -> Path:
 
 
 def cached_dir(sha256: str) -> Path | None:
-    """The complete converted directory for this GGUF sha256, or None. Stdlib only (collection time)."""
+    """The converted directory for this GGUF sha256 if it passes ``verify_dir``, else None. Stdlib only
+    (collection time); file hashes are memoised per process, so only the first call reads the weights."""
     d = converted_dir(sha256)
-    return d if (d / META_FILE).is_file() and (d / "config.json").is_file() else None
+    return d if d.is_dir() and verify_dir(d, sha256) is None else None
+
+
+def verify_dir(model_dir: str | Path, sha256: str) -> str | None:
+    """Why ``model_dir`` must not be used as the conversion of the GGUF with ``sha256``, or None when it may.
+
+    It may when its record names that GGUF and lists exactly the files the directory holds (besides the
+    record), each with the sha256 it has now; config.json and the weights must be among them."""
+    d = Path(model_dir)
+    if not (d / META_FILE).is_file():
+        return f"it has no conversion record ({META_FILE})"
+    meta = read_meta(d)
+    if not meta:
+        return f"its {META_FILE} is unreadable"
+    if meta.get("gguf_sha256") != sha256:
+        return f"its record names GGUF sha256 {str(meta.get('gguf_sha256'))[:16]}…, not {sha256[:16]}…"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v) for k, v in files.items()):
+        return "its record lists no file hashes (converted by an older circuit_tests)"
+    if "config.json" not in files or not any(k.endswith(".safetensors") for k in files):
+        return "its record lists no config.json or no weights"
+    try:
+        present = {p.name for p in d.iterdir() if p.name != META_FILE}
+        if present != set(files):
+            extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+            return ("its files differ from the record: " + "; ".join(
+                x for x in (f"unrecorded {', '.join(extra)}" if extra else "",
+                            f"missing {', '.join(missing)}" if missing else "") if x))
+        for name, want in sorted(files.items()):
+            f = d / name
+            if not f.is_file():
+                return f"{name} is not a file"
+            if sha256_file_cached(f) != want:
+                return f"{name} does not match the sha256 recorded at conversion"
+    except OSError as e:
+        return f"it cannot be read ({type(e).__name__}: {e})"
+    return None
 
 
 def read_meta(model_dir: str | Path) -> dict[str, Any]:
@@ -183,7 +226,27 @@ def convert(path: str | Path, *, sha256: str | None = None) -> Path:
         if sha256 is not None and gguf_sha256(p) != sha256:  # the cache is keyed by this hash: never mislabel it
             raise ModelLoadError(f"{p}: sha256 {gguf_sha256(p)} differs from the expected {sha256} (the file changed "
                                  "after it was fetched); delete it to fetch it again")
+        _discard_untrusted(converted_dir(sha), sha, p)
         return _convert(p, sha)
+
+
+def _discard_untrusted(d: Path, sha: str, source: Path) -> None:
+    """Remove a directory at ``d`` that failed ``verify_dir`` (logging why), so the new conversion can take its
+    place; atomic publishing would otherwise keep the old one. Called under the conversion lock."""
+    if not d.exists() and not d.is_symlink():
+        return
+    why = verify_dir(d, sha) if d.is_dir() else "it is not a directory"
+    log.warning("circuit_tests: not using the cached conversion %s: %s; converting %s again", d, why, source)
+    trash = d.with_name(f".{d.name}.tmp-{os.getpid()}-untrusted")
+    try:
+        os.rename(d, trash)  # one step, so no reader sees a half-deleted directory
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
+    except OSError as e:
+        raise ModelLoadError(f"{d}: a cached conversion that cannot be trusted ({why}) could not be removed: "
+                             f"{type(e).__name__}: {e}; delete it by hand") from None
 
 
 def _convert(p: Path, sha: str) -> Path:
@@ -197,14 +260,20 @@ def _convert(p: Path, sha: str) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    progress = Progress(f"converting {p.name}")
+    steps = 5
+    progress.step(1, steps, "reading the GGUF header")
     try:
         info = _describe(p)
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on a truncated or foreign file
         first = str(e).splitlines()[0] if str(e) else ""
         raise ModelLoadError(f"{p}: not a readable GGUF file ({type(e).__name__}: {first})") from e
+    n_tensors = sum(info["tensor_types"].values())
     with atomic_dir(converted_dir(sha)) as tmp:
         try:
+            progress.step(2, steps, "reading the tokenizer")
             tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            progress.step(3, steps, f"dequantizing {n_tensors} tensors ({info['quantization']} -> float32)")
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
         except Exception as e:  # transformers raises ValueError/KeyError/RuntimeError for unsupported files
             first = str(e).splitlines()[0] if str(e) else ""
@@ -213,17 +282,21 @@ def _convert(p: Path, sha: str) -> Path:
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:  # weights are already plain float32; this only lifts save_pretrained's refusal
             quantizer.remove_quantization_config(model)
+        progress.step(4, steps, "writing float32 safetensors and the tokenizer")
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         if not (tmp / "tokenizer.json").is_file():
             raise ModelLoadError(f"{p}: the tokenizer read from the GGUF did not save a tokenizer.json")
         del model
+        progress.step(5, steps, "hashing the converted files")
+        files = {f.name: sha256_file_cached(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         meta = {"gguf_sha256": sha, "gguf_file": p.name, "gguf_size": p.stat().st_size, **info,
-                "weights_sha256": weights_sha256(tmp), "dtype": "float32",
+                "weights_sha256": weights_sha256(tmp), "files": files, "dtype": "float32",
                 "transformers": transformers.__version__, "gguf": _version("gguf"), "torch": torch.__version__}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     _CONVERSIONS[0] += 1
+    progress.done(f"converted into {converted_dir(sha)}")
     out = cached_dir(sha)
     if out is None:  # pragma: no cover - rename succeeded but the files are gone
         raise ModelLoadError(f"{p}: conversion into {converted_dir(sha)} did not leave a complete directory")

@@ -142,6 +142,8 @@ def role_score(head_scores: Any, claim: Any, roles: dict[str, list[str]]) -> Mea
     k = {"all": len(vals), "any": 1, "at_least": claim.k}[claim.quantifier]
     value = vals[k - 1]
     ok = value >= claim.min
+    # how many claimed heads reach min, whatever the quantifier: `any` must not hide the members that do not
+    numbers["earned"] = f"{sum(v >= claim.min for v in vals)} of {len(vals)}"
     shown = ", ".join(f"{h} {v:.3g}" for h, v in per_head.items())
     need = {"all": "every head", "any": "some head", "at_least": f"at least {k} heads"}[claim.quantifier]
     reason = "" if ok else f"{claim.score_name} score: {need} must reach {claim.min:g} ({head_scores.unit}); got {shown}"

@@ -38,10 +38,18 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 
 def load_bridge(model_dir: str | Path, *, device: str = "cpu") -> Any:
-    """Boot a TransformerBridge from a local HF-format directory (config.json + weights + tokenizer)."""
+    """Boot a TransformerBridge from a local HF-format directory (config.json + weights + tokenizer).
+
+    The config is checked against the weight files' headers first (``integrity.check_config_fits_weights``):
+    transformers builds the config's model at full size before it compares shapes, so a config that is not these
+    weights' model (a bare ``{"model_type": "gpt_neox"}``: 20B parameters) would take tens of GB to be refused.
+    """
     d = Path(model_dir)
     if not (d / "config.json").exists():
         raise ModelLoadError(f"{d}: not an HF model directory (no config.json)")
+    from .integrity import check_config_fits_weights
+
+    check_config_fits_weights(d)
     _quiet()
     from transformer_lens.model_bridge import TransformerBridge
 

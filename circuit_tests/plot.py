@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CircuitTestsError
-from .results import Record, by_spec, checkpoint_order
+from .results import Record, by_spec, checkpoint_order, short_path
 
 __all__ = ["ClaimSeries", "claim_series", "plot_results", "require_matplotlib"]
 
@@ -126,18 +126,10 @@ def _draw(ax, s: ClaimSeries) -> None:
         if pos and max(pos) / min(pos) > 100:            # Pythia-like schedules (0, 1, 2, 4, ..., 143000)
             ax.set_xscale("symlog", linthresh=min(pos))
     if not s.by_step:
-        ax.set_xticks(s.x, s.labels, rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(s.x, s.labels, rotation=45, ha="right", fontsize=7, parse_math=False)
     ax.set_xlabel("training step" if s.by_step else "checkpoint")
-    ax.set_title(f"{s.claim} ({s.claim_type})", fontsize=9)
+    ax.set_title(f"{s.claim} ({s.claim_type})", fontsize=9, parse_math=False)
     ax.grid(alpha=0.3)
-
-
-def _short(path: str) -> str:
-    """The spec path relative to the working directory when it lies below it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return path
 
 
 def _filename(spec: str, taken: set[str]) -> str:
@@ -179,7 +171,7 @@ def plot_results(records: list[Record], out_dir: str | Path) -> list[Path]:
                 handles.setdefault(lab, h)
         fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncols=min(2 * cols, len(handles)),
                    fontsize=8, frameon=False)
-        fig.suptitle(f"{spec}  ({_short(spec_file)}; {series[0].model})", fontsize=10)
+        fig.suptitle(f"{spec}  ({short_path(spec_file)}; {series[0].model})", fontsize=10, parse_math=False)
         path = out / _filename(spec, taken)
         try:
             fig.savefig(path, dpi=110, metadata={"Software": None})

@@ -10,9 +10,12 @@ under pytest-xdist without becoming JUnit ``<properties>`` (invalid in the defau
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from .outputs import Kind
 
 RECORD_KEY = "circuit_tests_record"
 
@@ -71,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if online:
         set_online(True)  # hub availability is judged at collection too
     _check_output_paths(config)
+    _check_tolerance(config)
     if config.getoption("circuit_plot", None):
         from .errors import CircuitTestsError
         from .plot import require_matplotlib
@@ -98,37 +102,88 @@ def pytest_configure(config: pytest.Config) -> None:
         except CircuitTestsError as e:
             raise pytest.UsageError(f"--circuit-compare: {e}") from None
     config.pluginmanager.register(ResultCollector(config), "circuit_tests_results")
+    if not hasattr(config, "workerinput"):  # first-use model fetch/convert progress on the terminal (not in CI logs)
+        from .user_cache import use_terminal
+
+        use_terminal(_TerminalProgress(config))
+
+
+# Every output path: (option as the user wrote it, how it is written). Checked before anything is evaluated.
+OUTPUT_OPTIONS: tuple[tuple[str, str, Kind], ...] = (
+    ("circuit_json", "--circuit-json", "file"),
+    ("circuit_plot", "--circuit-plot", "dir"),
+    ("circuit_report", "--circuit-report", "dir"),
+    ("circuit_cache_dir", "--circuit-cache-dir", "dir"),
+)
 
 
 def _check_output_paths(config: pytest.Config) -> None:
-    """Refuse unusable output paths before anything is evaluated (not after minutes of work): a results file
-    that is a directory or lies under a file or a read-only directory, a plot directory that is a file."""
+    """Refuse an unusable output path before anything is evaluated (not as a traceback after minutes of work):
+    one usage error naming the option, the path and why (outputs.output_path_problem)."""
     import os
 
-    if hasattr(config, "workerinput"):
+    from .outputs import output_path_problem
+
+    if hasattr(config, "workerinput"):  # the controller checked them
         return
-    path = config.getoption("circuit_json", None)
-    if path:
-        p = Path(path)
-        if p.is_dir():
-            raise pytest.UsageError(f"--circuit-json {path}: is a directory; give a file path such as {p / 'results.json'}")
-        parent = next((a for a in [p.parent, *p.parent.parents] if a.exists()), Path("."))
-        if not parent.is_dir():
-            raise pytest.UsageError(f"--circuit-json {path}: {parent} is a file, not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise pytest.UsageError(f"--circuit-json {path}: directory {parent} is not writable")
-    plot_dir = config.getoption("circuit_plot", None)
-    if plot_dir:
-        p = Path(plot_dir)
-        blocker = next((a for a in [p, *p.parents] if a.exists()), Path("."))
-        if not blocker.is_dir():
-            raise pytest.UsageError(f"--circuit-plot {plot_dir}: {blocker} is a file; give a directory for the PNGs")
-        if not os.access(blocker, os.W_OK | os.X_OK):
-            raise pytest.UsageError(f"--circuit-plot {plot_dir}: directory {blocker} is not writable")
+    paths: list[tuple[str, str | None, Kind]] = [(flag, config.getoption(dest, None), kind)
+                                                 for dest, flag, kind in OUTPUT_OPTIONS]
+    # the GitHub step summary: set by the runner, appended to; empty means unset (as GitHub treats it)
+    paths.append(("$GITHUB_STEP_SUMMARY", os.environ.get("GITHUB_STEP_SUMMARY") or None, "append"))
+    for flag, path, kind in paths:
+        if path is None:
+            continue
+        problem = output_path_problem(path, kind)
+        if problem is not None:
+            raise pytest.UsageError(f"{flag} {path}: {problem}")
+
+
+def _check_tolerance(config: pytest.Config) -> None:
+    """--circuit-compare-tolerance must be a finite number >= 0: NaN compares false with everything (every move
+    would pass unnoticed) and a negative one cannot be met."""
+    import math
+
+    tol = config.getoption("circuit_compare_tolerance", None)
+    if tol is not None and (not math.isfinite(tol) or tol < 0):
+        raise pytest.UsageError(f"--circuit-compare-tolerance {tol}: expected a finite number >= 0 (an absolute "
+                                f"change in a claim's value, default 0.02)")
+
+
+class _TerminalProgress:
+    """Progress lines of a first-use model fetch/convert (user_cache.Progress), written to pytest's terminal with
+    output capture suspended: without it they would land in the capture file and show after the wait, if at all."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def isatty(self) -> bool:
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        try:
+            return bool(tr is not None and tr._tw._file.isatty())
+        except (AttributeError, ValueError, OSError):
+            return False
+
+    def write(self, text: str) -> int:
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        if tr is None:
+            return 0
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                tr.write("\n" + text.rstrip("\n"), flush=True)
+        else:
+            tr.write("\n" + text.rstrip("\n"), flush=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Undo the evaluation settings (threads, hub mode, environment, warning filters, logger levels)."""
+    from .user_cache import use_terminal
+
+    use_terminal(None)
     scope = getattr(config, "circuit_scope", None)
     if scope is not None:
         scope.restore()
@@ -183,11 +238,15 @@ class ResultCollector:
         return self._records
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if hasattr(self.config, "workerinput") or not self.raw:
+        if hasattr(self.config, "workerinput") or not (self.raw or self.notes):
+            return
+        terminalreporter.section("circuit_tests")
+        if not self.raw:  # nothing measured, but an output could not be written: say so
+            for note in self.notes:
+                terminalreporter.write_line(note)
             return
         from .report import table
 
-        terminalreporter.section("circuit_tests")
         terminalreporter.write_line(table(self.records(), self.changes))
         if self.changes:
             from .compare import summary
@@ -223,9 +282,11 @@ class ResultCollector:
                 self.plots = plot_results(self.records(), plot_dir)
             except (CircuitTestsError, OSError) as e:
                 self._error(session, f"--circuit-plot: {e}")
-        self._ci_outputs()
+        self._ci_outputs(session)
 
     def _error(self, session: pytest.Session, text: str) -> None:
+        """An output that could not be written: one line in the summary; it fails an otherwise green run (the
+        artefact CI expects is missing) but never changes a claim's outcome."""
         self.notes.append(f"circuit_tests error: {text}")
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -263,9 +324,12 @@ class ResultCollector:
             self.notes.append(f"circuit_tests: run {reason}; partial results in {target} (complete: false); "
                               f"{path} left as it was")
 
-    def _ci_outputs(self) -> None:
-        """--circuit-compare, --circuit-report and the GitHub step summary ($GITHUB_STEP_SUMMARY)."""
+    def _ci_outputs(self, session: pytest.Session) -> None:
+        """--circuit-compare, --circuit-report and the GitHub step summary ($GITHUB_STEP_SUMMARY). The paths were
+        checked at configure; a write that still fails (disk full, directory removed meanwhile) is one line."""
         import os
+
+        from .errors import CircuitTestsError
 
         if not self.raw:
             return
@@ -279,10 +343,25 @@ class ResultCollector:
         if report_dir:
             from .html_report import write_report
 
-            self.html = write_report(self.records(), report_dir, self.changes)
+            try:
+                self.html = write_report(self.records(), report_dir, self.changes,  # the JSON file's provenance rows
+                                         threads=getattr(getattr(self.config, "circuit_scope", None), "threads", None))
+            except (CircuitTestsError, OSError) as e:
+                self._error(session, f"--circuit-report {report_dir}: {_write_failure(e)}")
         step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if step_summary:
             from .html_report import markdown_summary
 
-            with open(step_summary, "a", encoding="utf-8") as f:
-                f.write(markdown_summary(self.records(), self.changes))
+            text = markdown_summary(self.records(), self.changes)
+            try:
+                with open(step_summary, "a", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError as e:
+                self._error(session, f"$GITHUB_STEP_SUMMARY {step_summary}: {_write_failure(e)}")
+
+
+def _write_failure(e: Exception) -> str:
+    """``cannot write FILE: REASON`` from an OSError (its file name and strerror, no errno noise)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"cannot write {e.filename}: {e.strerror}" if e.filename else f"cannot write: {e.strerror}"
+    return str(e)

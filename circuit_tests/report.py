@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-from .results import OUTCOMES, Record, by_spec, checkpoint_order
+from .results import Record, by_spec, checkpoint_order, count_line, short_path
 
 
 def table(records: list[Record], changes: dict | None = None) -> str:
@@ -27,17 +25,13 @@ def table(records: list[Record], changes: dict | None = None) -> str:
         ckpts = checkpoint_order(recs)
         cell = {(r.checkpoint, r.claim): mark(r) for r in recs}
         first = recs[0]
-        out.append(f"{name}  ({path}; {first.model}; ablation {first.ablation})")
+        out.append(f"{name}  ({short_path(path)}; {first.model}; ablation {first.ablation})")
         w0 = max([len("checkpoint")] + [len(c) for c in ckpts])
         widths = [max(len(c), *(len(cell.get((ck, c), "")) for ck in ckpts)) for c in claims]
         out.append("  " + "checkpoint".ljust(w0) + "  " + "  ".join(c.ljust(w) for c, w in zip(claims, widths)))
         for ck in ckpts:
             out.append("  " + ck.ljust(w0) + "  " + "  ".join(cell.get((ck, c), "").ljust(w) for c, w in zip(claims, widths)))
-        counts = defaultdict(int)  # pytest's outcome names, so these add up to pytest's own summary line
-        for r in recs:
-            counts[r.outcome] += 1
-        counts["reused"] = sum(map(reused, recs))
-        out.append("  " + ", ".join(f"{counts[k]} {k}" for k in (*OUTCOMES, "reused") if counts[k]))
+        out.append("  " + count_line(recs))  # pytest's words: they add up to pytest's own summary line
         out.append("")
     out.append("cells: pass/FAIL value = claim measured against its threshold; absent = did not hold before its "
                "declared formation step (as expected, pytest: xfailed); EARLY = held before it; n.e. = not evaluated (see -rs "

@@ -24,13 +24,71 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 SCHEMA_VERSION = 2
 
 Verdict = Literal["pass", "fail", "not_evaluated", "uncertain", "error"]
 Outcome = Literal["passed", "failed", "xfailed", "skipped"]
 OUTCOMES: tuple[str, ...] = ("passed", "failed", "xfailed", "skipped")
+
+
+def _head_entry(v: Any) -> Any:
+    """A ``per_head`` entry: a score (role_score), null (not finite) or an object (role_check: earned, why, ...)."""
+    if v is None or isinstance(v, dict) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return v
+    raise PydanticCustomError("head_entry", "Input should be a number, null or an object")
+
+
+class AblationResult(TypedDict, total=False):
+    """``extra.ablations[NAME]``: the claim under another ablation (recorded, not gated)."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    outcome: str
+    reason: str
+
+
+class BaselineResult(TypedDict, total=False):
+    """``extra.baseline``: the random-circuit baseline the claim was compared with."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    kind: str
+    k: int
+    seed: int
+    match: str | None
+    values: list[float | None]
+    p50: float | None
+    p95: float | None
+    require: str | None
+    required_value: float | None
+    quantile: float | None
+    margin: float | None
+    beats: str
+
+
+class Extra(TypedDict, total=False):
+    """``Record.extra``: claim-type specific numbers. The keys reports read are typed (so a wrong type is a located
+    error when a file is read, not a crash while rendering); any other key is kept as it is."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    baseline: BaselineResult
+    ablations: dict[str, AblationResult]
+    per_head: dict[str, Annotated[Any, AfterValidator(_head_entry)]]
+    effects: dict[str, float | None]
+    warnings: list[str]
+    cache: str
+    gate: str
+    ci_method: str
+    ci_level: float | None
+    ci_resamples: int
+    ci_seed: int
 
 
 @dataclass
@@ -68,7 +126,7 @@ class Record:
     quantization: str | None = None  # GGUF sources: its quantization type (e.g. Q4_1)
     duplicate_of: str | None = None
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Extra = field(default_factory=Extra)
 
     def to_json(self) -> str:
         return json.dumps(finite(asdict(self)), sort_keys=True)
@@ -120,10 +178,41 @@ def finite(obj: Any) -> Any:
 
 
 def counts(records: list[Record]) -> dict[str, int]:
-    """How many records per pytest outcome (``passed``, ``failed``, ``xfailed``, ``skipped``), in that order."""
+    """How many records per pytest outcome (``passed``, ``failed``, ``xfailed``, ``skipped``), in that order: the
+    JSON ``counts``, and through ``count_line`` the terminal table's, the HTML page's and the step summary's."""
     out = {k: 0 for k in OUTCOMES}
     for r in records:
         out[r.outcome] = out.get(r.outcome, 0) + 1
+    return out
+
+
+def count_line(records: list[Record]) -> str:
+    """``47 passed, 65 xfailed[, 3 reused]``: every report summarises with pytest's words, so each adds up to
+    pytest's own summary line (claim-level verdict words appear only in cells)."""
+    from .cache import reused
+
+    parts = [f"{n} {k}" for k, n in counts(records).items() if n]
+    n_reused = sum(map(reused, records))
+    return ", ".join(parts + ([f"{n_reused} reused"] if n_reused else []))
+
+
+def short_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (how reports name spec files)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return path
+
+
+def run_environment(threads: int | None = None) -> dict[str, Any]:
+    """What a run's results file and its HTML page record as provenance: versions, CPU kernels, the code hash
+    (``cache.run_environment``) and ``threads``, the torch threads the specs were evaluated with when given.
+    One function, so a page written by ``pytest --circuit-report`` has the rows ``circuit-tests report`` shows."""
+    from .cache import run_environment as env
+
+    out = env()
+    if threads is not None:
+        out["threads"] = threads
     return out
 
 
@@ -224,10 +313,31 @@ def read_results(path: str | Path) -> ResultsFile:
     try:
         return TypeAdapter(ResultsFile).validate_python(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise CircuitTestsError(f"{p}: malformed results file: {loc}: {err['msg']} "
-                                f"({e.error_count()} problem(s))") from None
+        raise CircuitTestsError(f"{p}: malformed results file: {_located(e.errors()[0], data)}"
+                                + (f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else "")) from None
+
+
+def _located(err: Any, data: dict[str, Any]) -> str:
+    """One pydantic error as ``record 3 (spec, claim @ checkpoint): field extra.baseline.p50: expected a valid
+    number, got str '<x>'``: where in the file, which field, what was expected, what was there."""
+    loc = list(err["loc"])
+    where = ""
+    if len(loc) >= 2 and loc[0] == "records" and isinstance(loc[1], int):
+        i = loc[1]
+        rec = data["records"][i] if isinstance(data.get("records"), list) and i < len(data["records"]) else None
+        what = ""
+        if isinstance(rec, dict):
+            what = " (" + ", ".join(str(rec.get(k))[:60] for k in ("spec", "claim") if k in rec)
+            what += f" @ {str(rec.get('checkpoint'))[:60]})" if "checkpoint" in rec else ")"
+        where, loc = f"record {i}{what if what != ' ()' else ''}: ", loc[2:]
+    field = ".".join(str(x) for x in loc) or "(the record itself)"
+    if err["type"] == "missing":
+        return f"{where}field {field}: missing (required)"
+    msg = "Input should be an object (a result record)" if err["type"] == "dataclass_type" else str(err["msg"])
+    expected = msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+    got = err.get("input")
+    shown = repr(got)
+    return f"{where}field {field}: expected {expected}, got {type(got).__name__} {shown[:60]}{'...' if len(shown) > 60 else ''}"
 
 
 FIELD_DOCS = {

@@ -493,9 +493,11 @@ class CheckpointRef:
         """sha256 of the weights (``circuit_tests.models.weights_sha256``), memoised per process and, given a
         ``store`` with ``get(key, default)`` / ``set(key, value)`` (pytest's ``config.cache``), across runs.
 
-        The key is each weight file's resolved path (for a hub snapshot: its blob id), size and mtime_ns, so an
-        edited file is hashed again. A zoo checkpoint's hash must equal its manifest's (``sha256_hint``): a
-        mismatch is a ModelLoadError ("sha256 mismatch with manifest"), never a silently different model.
+        The key is each weight file's resolved path (for a hub snapshot: its blob id), device, inode, ctime_ns,
+        size and mtime_ns, so an edited file is hashed again, even one rewritten in place with its size and mtime
+        restored (any write changes ctime, and ``utime`` cannot set it back). A zoo checkpoint's hash must equal
+        its manifest's (``sha256_hint``): a mismatch is a ModelLoadError ("sha256 mismatch with manifest"), never a
+        silently different model.
         """
         if self.kind == "gguf":  # fetch and convert first; the converted directory is then hashed like any other
             self.prepare()
@@ -507,7 +509,7 @@ class CheckpointRef:
             raise ModelLoadError(self.unavailable_reason()
                                  or f"{self.display}: no local copy to hash (looked in {_hub_repo_dir(self.location)})")
         files = _weight_files(d)
-        key = (str(d.resolve()),) + tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        key = (str(d.resolve()),) + tuple((str(f.resolve()), *_file_identity(f)) for f in files)
         if key not in _HASHES:
             import hashlib
 
@@ -533,6 +535,13 @@ class CheckpointRef:
                                  f"{gguf_convert.META_FILE} records {str(recorded)[:16]}… (the cached conversion was "
                                  f"modified); delete {d} and it is converted again from {self.location}")
         return sha
+
+
+def _file_identity(f: Path) -> tuple[int, ...]:
+    """What an in-place rewrite cannot keep: device, inode, ctime_ns (set by every write, not settable by
+    ``utime``), size and mtime_ns. The weights sha256 is memoised under it (``CheckpointRef.weights_sha256``)."""
+    st = f.stat()
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
 
 
 _GC_BYTES = 256 * 2**20  # model memory released between two full garbage collections, at most

@@ -316,7 +316,28 @@ class PathRatioClaim(_Claim):
         return [v] if isinstance(v, str) else v
 
 
-Claim = Annotated[Union[FaithfulnessClaim, RoleScoreClaim, PathRatioClaim], Field(discriminator="type")]
+class RoleCheckClaim(_Claim):
+    """Every head labelled with the role earns it by its own scores (roles.ROLE_CRITERIA; docs/roles.md).
+
+    One is added for every role with a criterion unless the spec declares its own (e.g. to set ``holds_from``
+    for one role); it passes only when *all* labelled heads meet the criterion, so a mislabel cannot hide
+    behind a ``role_score`` claim's ``quantifier: any``."""
+
+    type: Literal["role_check"]
+    role: RoleName = Field(description="a role of circuit.roles that has a criterion (docs/roles.md)")
+    seq_len: int = Field(30, ge=2, le=MAX_SEQ_LEN, description="repeated-sequence criteria: length of each half")
+    n_seq: int = Field(16, ge=1, le=MAX_N_SEQ, description="repeated-sequence criteria: number of sequences")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random sequences")
+
+
+class RoleChecksSpec(_Strict):
+    """Settings of the role checks added for every role with a criterion."""
+
+    holds_from: int | None = Field(None, ge=0, description="first step at which the labels must be earned; "
+                                                            "earlier checkpoints must NOT show them (expected absent)")
+
+
+Claim = Annotated[Union[FaithfulnessClaim, RoleScoreClaim, PathRatioClaim, RoleCheckClaim], Field(discriminator="type")]
 
 
 class Spec(_Strict):
@@ -332,6 +353,9 @@ class Spec(_Strict):
     gate: Gate = Field("point", description="default gate of the claims: point value or whole bootstrap interval (ci)")
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec, description="default interval settings")
     claims: list[Claim] = Field(min_length=1, max_length=MAX_CLAIMS, description="what must hold (at most 200 claims)")
+    role_checks: RoleChecksSpec = Field(default_factory=RoleChecksSpec,
+                                        description="every role with a criterion (docs/roles.md) gets a role_check "
+                                                    "claim: each labelled head must earn its role by its own scores")
 
     @model_validator(mode="after")
     def _claim_ids(self) -> "Spec":
@@ -419,6 +443,16 @@ class Spec(_Strict):
                     out.append((("claims", i, "k"), f"k = {c.k} but the role has {len(heads)} head(s)"))
                 if c.score_name == "s_inhibition" and "name_mover" not in roles:
                     out.append((("claims", i, "role"), "the s_inhibition score needs the circuit's name_mover role"))
+            elif isinstance(c, RoleCheckClaim):
+                from .roles import ROLE_CRITERIA
+
+                if c.role not in roles:
+                    out.append((("claims", i, "role"), f"role {c.role!r} is not in circuit.roles (roles: {known})"))
+                elif c.role not in ROLE_CRITERIA:
+                    out.append((("claims", i, "role"), f"role {c.role!r} has no criterion; roles with one: "
+                                                       f"{', '.join(ROLE_CRITERIA)}"))
+                elif [x for x in self.claims[:i] if isinstance(x, RoleCheckClaim) and x.role == c.role]:
+                    out.append((("claims", i, "role"), f"role {c.role!r} already has a role_check claim"))
             elif isinstance(c, PathRatioClaim):
                 lo, hi = PATH_RATIO_RANGE[c.measure]
                 for key in ("min", "max"):
@@ -452,20 +486,44 @@ class Spec(_Strict):
                                 "there is no q/k/v input (remove it)"))
         return out
 
+    def with_role_checks(self) -> tuple["Spec", list[str]]:
+        """This spec with a ``role_check`` claim appended for every role that has a criterion and no declared
+        role_check, and the roles those implicit claims check (in order)."""
+        from .roles import ROLE_CRITERIA
+
+        declared = {c.role for c in self.claims if isinstance(c, RoleCheckClaim)}
+        ids = {c.id for c in self.claims if c.id}
+        added: list[Any] = []
+        for role in self.circuit.roles:
+            if role in ROLE_CRITERIA and role not in declared:
+                cid = f"role_check_{role}"
+                while cid in ids:
+                    cid += "_"
+                ids.add(cid)
+                added.append(RoleCheckClaim(type="role_check", id=cid, role=role,
+                                            holds_from=self.role_checks.holds_from))
+        if not added:
+            return self, []
+        return self.model_copy(update={"claims": [*self.claims, *added]}), [c.role for c in added]
+
     def claim_ids(self) -> list[str]:
         """Stable, unique item names: the explicit id, else the type (numbered when a type repeats)."""
+        def base(c: Any) -> str:  # a role check is named by its role (one per role)
+            return f"role_check_{c.role}" if isinstance(c, RoleCheckClaim) else c.type
+
         counts: dict[str, int] = {}
         for c in self.claims:
             if not c.id:
-                counts[c.type] = counts.get(c.type, 0) + 1
+                counts[base(c)] = counts.get(base(c), 0) + 1
         out, used = [], {c.id for c in self.claims if c.id}
         idx: dict[str, int] = {}
         for c in self.claims:
             if c.id:
                 out.append(c.id)
                 continue
-            idx[c.type] = idx.get(c.type, 0) + 1
-            name = c.type if counts[c.type] == 1 else f"{c.type}{idx[c.type]}"
+            b = base(c)
+            idx[b] = idx.get(b, 0) + 1
+            name = b if counts[b] == 1 else f"{b}{idx[b]}"
             while name in used:
                 name += "_"
             used.add(name)
@@ -476,14 +534,26 @@ class Spec(_Strict):
 class LoadedSpec:
     """A validated spec plus where it came from (for file:line in reports)."""
 
-    def __init__(self, spec: Spec, path: Path, located: Located):
+    def __init__(self, spec: Spec, path: Path, located: Located, implicit_roles: list[str] | None = None):
         self.spec, self.path, self.located = spec, path, located
+        # claims appended by Spec.with_role_checks, located at their role in circuit.roles
+        n = len(spec.claims) - len(implicit_roles or [])
+        self.implicit = {n + i: ("circuit", "roles", r) for i, r in enumerate(implicit_roles or [])}
+
+    def _path(self, keys: tuple[Any, ...]) -> tuple[Any, ...]:
+        if len(keys) >= 2 and keys[0] == "claims" and keys[1] in self.implicit:
+            return self.implicit[keys[1]]
+        return keys
 
     def where(self, *keys: Any) -> str:
-        return self.located.where(tuple(keys))
+        return self.located.where(self._path(tuple(keys)))
 
     def line_of(self, *keys: Any) -> int:
-        return self.located.position(tuple(keys))[0]
+        return self.located.position(self._path(tuple(keys)))[0]
+
+    def is_implicit(self, index: int) -> bool:
+        """Whether claim ``index`` was added by the spec's role checks (it has no YAML mapping of its own)."""
+        return index in self.implicit
 
     @property
     def dir(self) -> Path:
@@ -552,7 +622,7 @@ def _message(err: dict[str, Any], allowed: list[str]) -> str:
 
 
 CLAIM_TYPES: dict[str, type[BaseModel]] = {"faithfulness": FaithfulnessClaim, "role_score": RoleScoreClaim,
-                                           "path_ratio": PathRatioClaim}
+                                           "path_ratio": PathRatioClaim, "role_check": RoleCheckClaim}
 
 
 def _allowed_keys(data: Any, path: tuple[Any, ...]) -> list[str]:
@@ -599,7 +669,8 @@ def loads_spec(text: str, path: str | Path) -> LoadedSpec:
                  for path, msg in spec.circuit_problems() + spec.claim_problems() + _task_fit(spec)]
     if problems:
         raise SpecError("\n".join(problems))
-    return LoadedSpec(spec, p, located)
+    spec, implicit = spec.with_role_checks()
+    return LoadedSpec(spec, p, located, implicit)
 
 
 def _check_task_params(spec: Spec, located: Located) -> list[str]:

@@ -6,6 +6,10 @@ run would take for a complete one; and every reader must agree where the cache i
 
 Location: ``$CIRCUIT_TESTS_CACHE`` if set, else ``$XDG_CACHE_HOME/circuit_tests``, else
 ``~/.cache/circuit_tests``. Stdlib only: resolution runs at pytest collection time.
+
+Also here: ``sha256_file_cached`` (readers re-check what they take from the cache against a recorded sha256,
+so the hash is memoised per process by what an in-place rewrite cannot keep), and ``Progress``, the one
+progress line writer used by the first-use fetch and conversion (minutes of silence otherwise).
 """
 
 from __future__ import annotations
@@ -13,15 +17,21 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
-__all__ = ["cache_root", "atomic_dir", "atomic_file", "sha256_file", "exclusive", "CACHE_ENV"]
+__all__ = ["cache_root", "atomic_dir", "atomic_file", "sha256_file", "sha256_file_cached", "file_identity",
+           "exclusive", "CACHE_ENV", "PROGRESS_ENV", "progress_stream", "Progress"]
 
 CACHE_ENV = "CIRCUIT_TESTS_CACHE"
+PROGRESS_ENV = "CIRCUIT_TESTS_PROGRESS"
 _TMP_MARK = ".tmp-"
+_SHA_MEMO: dict[tuple, str] = {}  # file_identity -> sha256, per process
 
 
 def cache_root() -> Path:
@@ -40,6 +50,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_identity(path: str | Path) -> tuple[int, int, int, int, int]:
+    """(device, inode, ctime_ns, size, mtime_ns): what an in-place rewrite cannot keep (every write sets ctime,
+    which ``utime`` cannot set back), so a hash memoised under it is never stale."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
+
+
+def sha256_file_cached(path: str | Path) -> str:
+    """``sha256_file``, memoised per process by ``file_identity`` (not the path: a file renamed into place,
+    e.g. with its freshly converted directory, keeps its identity and needs no second read).
+
+    Why: cached model files are re-checked against their recorded hash on every use (a 540 MB file takes
+    about 0.7 s), and a process uses them many times."""
+    key = file_identity(path)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(path)
+    return _SHA_MEMO[key]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -127,3 +156,108 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress of the first-use fetch and conversion
+# ---------------------------------------------------------------------------------------------------------
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):  # closed, detached, or not a stream
+        return False
+
+
+_terminal: TextIO | None = None  # set by the pytest plugin: a stream that writes past pytest's output capture
+
+
+def use_terminal(stream: TextIO | None) -> None:
+    """Send progress lines to ``stream`` instead of ``sys.__stderr__`` (None: back to it). The pytest plugin passes
+    its terminal, since under pytest's fd-level capture the real stderr is a capture file, not the terminal."""
+    global _terminal
+    _terminal = stream
+
+
+def progress_stream(environ: Mapping[str, str] | None = None, stream: TextIO | None = None) -> TextIO | None:
+    """Where progress lines go, or None for none.
+
+    ``$CIRCUIT_TESTS_PROGRESS`` = 1/true/yes/on forces them on, 0/false/no/off off. Otherwise they are shown
+    only on a terminal and never in CI logs (``$CI`` set). The stream is ``sys.__stderr__``, not ``sys.stderr``:
+    pytest replaces the latter with a capture buffer, so progress would appear, if at all, after the wait.
+    (Under pytest's fd-level capture the real stderr is a capture file: the plugin hands its terminal to
+    ``use_terminal``, so ``pytest specs/`` on a terminal shows the lines too.)
+    """
+    env = os.environ if environ is None else environ
+    out = stream if stream is not None else (_terminal or sys.__stderr__ or sys.stderr)
+    forced = env.get(PROGRESS_ENV, "").strip().lower()
+    if forced in _OFF:
+        return None
+    if forced in _ON:
+        return out
+    if env.get("CI", "").strip().lower() not in ("",) + _OFF:
+        return None
+    return out if _isatty(out) else None
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _elapsed(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+class Progress:
+    """Progress lines for one slow step: ``circuit_tests: <what>: <detail>, <elapsed>`` on ``progress_stream()``.
+
+    Plain lines, not a redrawn bar: pytest-xdist workers write to the same terminal. Byte counts are rate
+    limited to one line per ``interval`` seconds (plus the final one); steps are always written. A no-op when
+    progress is off, so callers need no conditionals.
+    """
+
+    def __init__(self, what: str, *, stream: TextIO | None = None, environ: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic, interval: float = 2.0) -> None:
+        self.what = what
+        self.stream = progress_stream(environ, stream)
+        self._clock = clock
+        self._start = clock()
+        self._interval = interval
+        self._last: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.stream is not None
+
+    def _write(self, detail: str) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(f"circuit_tests: {self.what}: {detail}, {_elapsed(self._clock() - self._start)}\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken terminal must not fail the fetch
+            self.stream = None
+
+    def bytes(self, done: int, total: int | None = None) -> None:
+        """``45.2 of 93.4 MB (48%)``; written at most every ``interval`` seconds, and when complete."""
+        now = self._clock()
+        complete = total is not None and done >= total
+        if self._last is not None and now - self._last < self._interval and not complete:
+            return
+        self._last = now
+        if total:
+            self._write(f"{_mb(done)} of {_mb(total)} ({min(100, int(100 * done / total))}%)")
+        else:
+            self._write(_mb(done))
+
+    def step(self, index: int, count: int, text: str) -> None:
+        """``[2/5] dequantizing 272 tensors``."""
+        self._write(f"[{index}/{count}] {text}")
+
+    def done(self, text: str = "done") -> None:
+        self._write(text)

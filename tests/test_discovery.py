@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -378,3 +380,283 @@ def test_discover_input_errors_are_clear(tmp_path, capsys):
     assert main(["discover", str(ROOT / "specs" / "induction.circuit.yaml"), "--checkpoint", "123",
                  "-o", str(tmp_path / "x.circuit.yaml")]) == 2
     assert "no checkpoint '123'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the command: hostile input (issue 19, item 6)
+
+FAST = ["--checkpoint", "3000", "--steps", "2"]  # zoo:induction, 16 examples: one discover run takes about a second
+
+
+def _small_spec(tmp_path: Path, name: str = "in.circuit.yaml", **task) -> Path:
+    """specs/induction.circuit.yaml with 16 examples (plus ``task`` keys), written to ``tmp_path/name``."""
+    data = yaml.safe_load((ROOT / "specs" / "induction.circuit.yaml").read_text())
+    data["task"].update({"size": 16, **task})
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def _discover(capsys, *argv: str) -> tuple[int, str, str]:
+    from circuit_tests.cli import main
+
+    rc = main(["discover", *argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("option,value,allowed", [
+    ("--max-edges", "0", ">= 1"), ("--max-edges", "-3", ">= 1"), ("--batch-size", "0", "in [1, 4096]"),
+    ("--batch-size", "5000", "in [1, 4096]"), ("--steps", "0", ">= 1"), ("--steps", "2.5", ">= 1"),
+    ("--target", "0", "(0, 1]"), ("--target", "nan", "(0, 1]"), ("--target", "1.5", "(0, 1]"),
+    ("--margin", "-5", "[0, 1]"), ("--margin", "inf", "[0, 1]"), ("--sparsity", "1", "[0, 1)"),
+    ("--sparsity", "-0.1", "[0, 1)"), ("--train-steps", "0", ">= 1"), ("--seed", "-1", "in [0, 4294967295]"),
+])
+def test_discover_numeric_options_are_range_checked_at_parse_time(tmp_path, capsys, option, value, allowed):
+    from circuit_tests.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["discover", str(ROOT / "specs" / "induction.circuit.yaml"), "-o", str(tmp_path / "x.circuit.yaml"),
+              option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}:" in err and allowed in err and "Traceback" not in err
+    assert not (tmp_path / "x.circuit.yaml").exists()
+
+
+def test_discover_batch_size_limit_is_the_specs():
+    from circuit_tests.cli import MAX_BATCH
+    from circuit_tests.spec import MAX_BATCH as SPEC_MAX_BATCH
+
+    assert MAX_BATCH == SPEC_MAX_BATCH
+
+
+def test_discover_never_overwrites_its_input(tmp_path, capsys):
+    spec = _small_spec(tmp_path)
+    before = spec.read_text()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.circuit.yaml").symlink_to(spec)
+    (tmp_path / "hard.circuit.yaml").hardlink_to(spec)
+    for out in (spec, tmp_path / "link.circuit.yaml", tmp_path / "sub" / ".." / "in.circuit.yaml",
+                tmp_path / "hard.circuit.yaml"):
+        for extra in ([], ["--force"]):  # --force never allows it
+            rc, _, err = _discover(capsys, str(spec), "-o", str(out), *extra, *FAST)
+            assert rc == 2 and "is the input spec" in err and "never overwrites its input" in err, (out, err)
+    rc, _, err = _discover(capsys, str(spec), "-o", str(tmp_path / "new.circuit.yaml"), "--graph-json", str(spec),
+                           "--force", *FAST)
+    assert rc == 2 and "--graph-json" in err and "is the input spec" in err
+    rc, _, err = _discover(capsys, str(spec), "-o", str(tmp_path / "same.circuit.yaml"), "--graph-json",
+                           str(tmp_path / "same.circuit.yaml"), *FAST)
+    assert rc == 2 and "is also the --graph-json file for step3000" in err and "its own file" in err
+    assert spec.read_text() == before and not (tmp_path / "new.circuit.yaml").exists()
+
+
+def test_discover_replaces_an_existing_file_only_with_force(tmp_path, capsys):
+    spec = _small_spec(tmp_path)
+    out = tmp_path / "found.circuit.yaml"
+    out.write_text("# mine\n")
+    rc, _, err = _discover(capsys, str(spec), "-o", str(out), *FAST)
+    assert rc == 2 and f"-o {out} already exists; pass --force to replace it" in err
+    assert out.read_text() == "# mine\n"
+    rc, _, err = _discover(capsys, str(spec), "-o", str(tmp_path / "x.circuit.yaml"), "--graph-json", str(out), *FAST)
+    assert rc == 2 and "--graph-json" in err and "--force" in err and not (tmp_path / "x.circuit.yaml").exists()
+    rc, out_text, _ = _discover(capsys, str(spec), "-o", str(out), "--force", "-q", *FAST)
+    assert rc == 0 and f"wrote {out}" in out_text
+    from circuit_tests.spec import load_spec
+
+    assert load_spec(out).spec.name == "induction-zoo-discovered"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_discover_writes_only_a_spec_that_validates_and_atomically(tmp_path, capsys, monkeypatch):
+    import circuit_tests.discovery as discovery
+
+    spec = _small_spec(tmp_path)
+    out = tmp_path / "found.circuit.yaml"
+    out.write_text("# a valid spec of mine\n")
+    real_document = discovery.spec_document
+
+    def broken(*a, **kw):  # what a bad option used to produce (--margin -5: a threshold above 2)
+        return real_document(*a, **kw).replace("min: 0.", "min: 7.")
+
+    monkeypatch.setattr(discovery, "spec_document", broken)
+    rc, _, err = _discover(capsys, str(spec), "-o", str(out), "--force", "-q", *FAST)
+    assert rc == 2 and "does not validate" in err and f"{out} was not written" in err and "min" in err
+    assert out.read_text() == "# a valid spec of mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["found.circuit.yaml", "in.circuit.yaml"]
+    monkeypatch.setattr(discovery, "spec_document", real_document)
+    replaced = []
+    real_replace = discovery.os.replace
+
+    def spy(src, dst):
+        replaced.append((Path(src), Path(dst), Path(src).read_text()))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(discovery.os, "replace", spy)
+    rc, _, _ = _discover(capsys, str(spec), "-o", str(out), "--force", "-q", *FAST)
+    assert rc == 0 and len(replaced) == 1
+    src, dst, text = replaced[0]
+    assert dst == out and src.parent == out.parent and src != out and text == out.read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as an ordinary write, not mkstemp's 0600
+
+
+def test_discover_honours_max_edges_and_reports_progress(tmp_path, capsys):
+    from circuit_tests.spec import load_spec
+
+    spec = _small_spec(tmp_path)
+    out = tmp_path / "found.circuit.yaml"
+    rc, stdout, err = _discover(capsys, str(spec), "-o", str(out), "--max-edges", "30", "--batch-size", "4", *FAST)
+    assert rc == 0
+    edges = load_spec(out).spec.circuit.edges
+    assert 0 < len(edges) <= 30
+    # progress on stderr: scoring batches done of total, search evaluations with a bound, ETA
+    assert "scoring (EAP-IG, 2 steps): batch 1/4" in err and "batch 4/4" in err
+    assert "search: evaluation 1 (of at most" in err and "ETA" in err and "search done" in err
+    assert "prepend_bos true" in err and "discover:" not in stdout
+    out.unlink()
+    rc, stdout, err = _discover(capsys, str(spec), "-o", str(out), "--max-edges", "12", "-q", *FAST)
+    assert rc == 1 and "within --max-edges 12" in stdout and "nothing written" in stdout and not out.exists()
+    assert err == ""  # --quiet: no progress lines
+
+
+def test_minimal_search_respects_max_edges_and_refuses_zero():
+    g = Graph(2, 2, False)
+    real = real_edge_mask(g)
+    scores = torch.randn(real.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * real
+    seen = []
+    res = minimal_circuit(_ScriptedEvaluator(g, lambda k: k / 10), scores, real, target=0.5, max_edges=7,
+                          progress=lambda pt, k: seen.append((pt, k)))
+    assert all(p.edges <= 7 and p.n <= 7 for p in res.curve)
+    assert [k for _, k in seen] == list(range(1, res.n_evaluations + 1))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_edges must be >= 1"):
+            minimal_circuit(_ScriptedEvaluator(g, lambda k: 1.0), scores, real, max_edges=bad)
+
+
+def test_search_budget_bounds_the_evaluations():
+    from circuit_tests.discovery import search_budget
+
+    g = Graph(3, 3, False)
+    real = real_edge_mask(g)
+    E = int(real.sum())
+    for seed in range(3):
+        scores = torch.randn(real.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * real
+        for cap in (1, 5, 40, E):
+            for target in (0.3, 0.9, 2.0):
+                ev = _ScriptedEvaluator(g, lambda k: k / 30)
+                res = minimal_circuit(ev, scores, real, target=target, max_edges=cap)
+                assert res.n_evaluations <= search_budget(min(cap, E), math.ceil(0.05 * E), 5)
+
+
+def test_edge_scores_by_batch_equal_one_call(induction):
+    from circuit_tests.discovery import edge_scores
+
+    loaded, bridge, task = induction
+    small = task.subset(torch.arange(20))
+    calls = []
+    whole, _ = edge_scores(bridge, small, "eap-ig", steps=2, batch_size=8)
+    batched, info = edge_scores(bridge, small, "eap-ig", steps=2, batch_size=8,
+                                progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)] and info["alphas"] == [0.0, 0.5]
+    assert torch.allclose(whole, batched, rtol=1e-9, atol=1e-12)
+
+
+def test_discover_keeps_the_specs_task_params_and_prepend_bos(tmp_path, capsys):
+    from circuit_tests.attribution import real_edge_mask as rem
+    from circuit_tests.sources import resolve_checkpoints
+    from circuit_tests.spec import load_spec
+    from circuit_tests.tasks import build_task
+    from circuit_tests.tasks.base import BuildContext
+
+    spec = _small_spec(tmp_path, prepend_bos=False, seq_len=12)
+    out = tmp_path / "found.circuit.yaml"
+    rc, _, err = _discover(capsys, str(spec), "-o", str(out), *FAST)
+    assert rc == 0 and "prepend_bos false (the spec)" in err
+    task = load_spec(out).spec.task
+    assert (task.prepend_bos, task.params["size"], task.params["seq_len"]) == (False, 16, 12)
+    # the numbers are those of the task without BOS: m(M) in the header is the full model's on that task
+    ref = [r for r in resolve_checkpoints("zoo:induction", None, [3000], tmp_path)][0]
+    bridge = ref.load()
+
+    def m_M(bos: bool) -> float:
+        t = build_task("induction", bridge.tokenizer, {"size": 16, "seed": 0, "seq_len": 12},
+                       BuildContext(spec_dir=str(tmp_path), prepend_bos=bos))
+        ev = CircuitEvaluator(bridge, t)
+        return ev(rem(ev.graph)).m_M
+
+    header = out.read_text().split("m(M) = ")[1].split(",")[0]
+    assert float(header) == pytest.approx(m_M(False), rel=1e-3) and abs(m_M(True) - m_M(False)) > 0.01
+    # --task-param overrides single keys of the spec's task, the others stay
+    out2 = tmp_path / "bos.circuit.yaml"
+    rc, _, err = _discover(capsys, str(spec), "-o", str(out2), "--task-param", "prepend_bos=true", *FAST)
+    assert rc == 0 and "prepend_bos true (--task-param)" in err
+    task = load_spec(out2).spec.task
+    assert (task.prepend_bos, task.params["seq_len"]) == (True, 12)
+    # from a model source: the prepend_bos used is written into the spec, not left to a default
+    out3 = tmp_path / "src.circuit.yaml"
+    rc, _, err = _discover(capsys, "zoo:induction", "--task", "induction", "--task-param", "size=16", "-o", str(out3),
+                           *FAST)
+    assert rc == 0 and "prepend_bos true (this model's default" in err
+    assert load_spec(out3).spec.task.prepend_bos is True
+
+
+def test_discover_task_param_and_other_input_errors_come_before_the_model(tmp_path, capsys):
+    spec = _small_spec(tmp_path)
+    o = ["-o", str(tmp_path / "x.circuit.yaml")]
+    cases = [
+        (["--task-param", "prepend_bos=maybe"], "prepend_bos"),
+        (["--task-param", "batch_size=0"], "batch_size"),
+        (["--task-param", "seq_len=1"], "seq_len"),
+        (["--task-param", "bogus=1"], "bogus"),
+        (["--task-param", "=3"], "expected KEY=VALUE"),
+        (["--task-param", "seq_len"], "expected KEY=VALUE"),
+        (["--task-param", "name=ioi"], "--task-param 'name=ioi'"),
+        (["--checkpoint", "3000,step3000"], "names step3000 twice"),
+        (["--checkpoint", "3000,"], "without empty items"),
+        (["--name", "bad name"], "--name 'bad name'"),
+    ]
+    for extra, msg in cases:
+        rc, _, err = _discover(capsys, str(spec), *o, *extra)
+        assert rc == 2 and msg in err and "Traceback" not in err, (extra, err)
+    rc, _, err = _discover(capsys, str(tmp_path / "missing.circuit.yaml"), *o)
+    assert rc == 2 and "no such spec file" in err
+    (tmp_path / "file").write_text("")
+    rc, _, err = _discover(capsys, str(spec), "-o", str(tmp_path / "file" / "x.circuit.yaml"))
+    assert rc == 2 and "is not a directory" in err
+    assert not (tmp_path / "x.circuit.yaml").exists()
+
+
+def test_discover_help_documents_task_params(capsys):
+    from circuit_tests.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["discover", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for s in ("--task-param KEY=VALUE", "prepend_bos=false", "docs/tasks.md", "--force", "--quiet",
+              "never the input spec"):
+        assert s in text, s
+
+
+def test_docs_list_every_task_parameter():
+    """docs/tasks.md names every parameter every registered task accepts, and the keys every task: takes."""
+    import re
+
+    import circuit_tests.tasks  # noqa: F401
+    from circuit_tests.spec import TaskSpec
+    from circuit_tests.tasks.base import TASKS
+
+    doc = (ROOT / "docs" / "tasks.md").read_text()
+    sections = re.split(r"^## ", doc, flags=re.M)
+
+    def table_keys(text: str) -> set[str]:
+        return {k for line in text.splitlines() if line.startswith("| `")
+                for k in re.findall(r"`([a-z_]+)`", line.split("|")[1])}
+
+    common = table_keys(next(s for s in sections if s.startswith("Common params")))
+    assert set(TaskSpec.model_fields) - {"name"} <= common  # batch_size, prepend_bos
+    for name, t in TASKS.items():
+        own = next((s for s in sections if s.startswith(f"`{name}`")), None)
+        assert own is not None, f"docs/tasks.md has no section for task {name}"
+        missing = set(t.params.model_fields) - common - table_keys(own)
+        assert not missing, f"{name}: parameters missing from docs/tasks.md: {sorted(missing)}"

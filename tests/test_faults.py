@@ -98,11 +98,12 @@ task:
   seq_len: 6
   prepend_bos: true
 circuit:
-  roles:
-    induction: [a1.h0]
+  roles:  # a role name without a criterion (docs/roles.md): one item per checkpoint, no role_check item
+    ind: [a1.h0]
 claims:
   - type: role_score
-    role: induction
+    role: ind
+    score: induction
     min: 0.5
 """
 
@@ -204,7 +205,7 @@ def test_a_claim_that_cannot_be_measured_fails_alone(tmp_path, monkeypatch):
     monkeypatch.setitem(claims.CLAIM_TYPES, "role_score", claims.ClaimType("role_score", boom, entry.details))
     spec = tmp_path / "s.circuit.yaml"
     spec.write_text(SPEC.format(src="zoo:induction").replace("  seq_len: 6\n", "  seq_len: 20\n") +
-                    "  - type: path_ratio\n    senders: induction\n    receivers: logits\n    min: 0.5\n")
+                    "  - type: path_ratio\n    senders: ind\n    receivers: logits\n    min: 0.5\n")
     loaded = load_spec(spec)
     (ref,) = resolve_checkpoints("zoo:induction", None, [3000], tmp_path)
     run_ = SpecRun(loaded, [ref])

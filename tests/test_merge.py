@@ -75,10 +75,8 @@ task:
   seed: 0
   seq_len: 12
   prepend_bos: true
-circuit:
-  roles:
-    previous_token: [a0.h3, a0.h2]
-    induction: [a1.h0, a1.h1, a1.h2, a1.h3]
+circuit:  # nodes, not roles: roles with a criterion would add role_check items (docs/roles.md)
+  nodes: [a0.h3, a0.h2, a1.h0, a1.h1, a1.h2, a1.h3]
 claims:
   - type: faithfulness
     id: faith

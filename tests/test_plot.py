@@ -80,8 +80,8 @@ def test_read_json_round_trip_and_errors(tmp_path):
                       ('{"schema_version": 1, "records": []}', "schema version 1, this circuit_tests reads 2"),
                       ('{"schema_version": 2, "records": [{"spec": "x"}]}', "malformed results file: "),
                       ('{"schema_version": 2, "complete": true, "incomplete_reason": null, "counts": {}, '
-                       '"environment": {}, "records": [{"spec": "x"}]}', r"malformed results file: records\.0\.spec_file: "
-                       "Field required"), ("[1, 2", "not a circuit_tests results file"), ("", "not a circuit_tests")):
+                       '"environment": {}, "records": [{"spec": "x"}]}', r"malformed results file: record 0 \(x\): field spec_file: "
+                       r"missing \(required\)"), ("[1, 2", "not a circuit_tests results file"), ("", "not a circuit_tests")):
         bad.write_text(text)
         with pytest.raises(CircuitTestsError, match=msg):
             read_json(bad)

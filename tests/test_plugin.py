@@ -55,9 +55,9 @@ task:
   seq_len: 6
   prepend_bos: true
 circuit:
-  roles:
-    induction: [a1.h0]
-    previous_token: [a0.h1]
+  roles:  # role names without a criterion: no role_check items (docs/roles.md) in these plugin-mechanics tests
+    ind: [a1.h0]
+    prev: [a0.h1]
 claims:
   - type: faithfulness
     normalization: normalized
@@ -83,7 +83,7 @@ def test_plot_option(pytester, random_model_dir, monkeypatch):
     pytest.importorskip("matplotlib")
     out = pytester.path / "plots"
     # role scores are measured even on a random model (faithfulness is not: it cannot do the task)
-    spec = SPEC.format(src=random_model_dir) + "  - type: role_score\n    role: induction\n    min: 0.5\n"
+    spec = SPEC.format(src=random_model_dir) + "  - type: role_score\n    role: ind\n    score: induction\n    min: 0.5\n"
     r = run(pytester, spec, f"--circuit-plot={out}", "-p", "no:cacheprovider")
     png = out / "tiny-induction.png"
     assert f"plot: {png}" in r.stdout.str() and png.read_bytes()[:4] == b"\x89PNG"
@@ -137,7 +137,7 @@ def test_not_evaluated_can_fail_the_run(pytester, random_model_dir):
 
 
 @pytest.mark.parametrize("edit,expect", [
-    (("a1.h0", "a9.h0"), ["tiny.circuit.yaml:11:17: circuit.roles.induction[0]: a9.h0: no layer 9; model has layers 0-1"]),
+    (("a1.h0", "a9.h0"), ["tiny.circuit.yaml:11:11: circuit.roles.ind[0]: a9.h0: no layer 9; model has layers 0-1"]),
     (("min: 0.5\n  - type", "min: high\n  - type"), ["tiny.circuit.yaml:16:10: claims[0].min: expected a number, got 'high'"]),
     (("  seq_len: 6", "  seq_lne: 6"), ["tiny.circuit.yaml:7:3: task.seq_lne: unknown key 'seq_lne' (did you mean 'seq_len'?)"]),
 ])
@@ -184,3 +184,26 @@ def test_plugin_module_is_thin(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=tmp_path).stdout.strip()  # outside this repo: its tests/conftest.py imports torch
     assert out.splitlines()[-1] == "[]"
+
+
+def test_fetch_progress_reaches_the_terminal_through_output_capture(pytester, monkeypatch):
+    """A first-use model fetch/convert inside a pytest run writes its progress lines to pytest's terminal with output
+    capture suspended (they would otherwise sit in the capture file until the wait is over); CIRCUIT_TESTS_PROGRESS
+    forces them here because pytester's terminal is not a tty, and =0 silences them."""
+    pytester.makepyfile(test_p="""
+from circuit_tests.user_cache import Progress
+
+def test_fetch():
+    p = Progress("fetching demo-model")
+    p.step(1, 2, "downloading")
+    p.bytes(50, 100)
+    p.done("converted")
+""")
+    monkeypatch.setenv("CIRCUIT_TESTS_PROGRESS", "1")
+    monkeypatch.delenv("CI", raising=False)
+    out = pytester.runpytest_inprocess("-p", "no:cacheprovider").stdout.str()
+    assert "circuit_tests: fetching demo-model: [1/2] downloading" in out
+    assert "circuit_tests: fetching demo-model: 0.0 MB of 0.0 MB (50%)" in out and "converted" in out
+    monkeypatch.setenv("CIRCUIT_TESTS_PROGRESS", "0")
+    out = pytester.runpytest_inprocess("-p", "no:cacheprovider").stdout.str()
+    assert "fetching demo-model" not in out

@@ -41,7 +41,13 @@ def _records(pytester, spec: Path, out: Path) -> dict:
 def test_gpt2_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_hf_home, tmp_path):
     _env(monkeypatch, real_config_hf_home)
     recs = _records(pytester, SPEC, tmp_path / "r.json")  # every head name fits GPT-2 small's graph
-    assert set(recs) == {"faithfulness", "name_movers_copy", "negative_name_movers_suppress", "s_inhibition_to_name_mover_queries"}
+    checks = {f"role_check_{r}" for r in ("name_mover", "negative_name_mover", "s_inhibition", "induction",
+                                          "duplicate_token", "previous_token")}  # backup_name_mover: no criterion
+    assert set(recs) == {"faithfulness", "name_movers_copy", "negative_name_movers_suppress",
+                         "s_inhibition_to_name_mover_queries"} | checks
+    for c in checks:  # every label is judged on the real shapes (random weights: measured, never an error)
+        assert recs[c]["measured"] in ("pass", "fail", "not_evaluated") and recs[c]["extra"]["per_head"], recs[c]
+    assert recs["role_check_name_mover"]["measured"] == "fail"  # random weights copy no name
     assert all(x["checkpoint"] == "main" and x["weights_sha256"] for x in recs.values())
     # a random-init model cannot do IOI: faithfulness and path ratios are not evaluated, never passed
     assert recs["faithfulness"]["measured"] == "not_evaluated" and "cannot do the task" in recs["faithfulness"]["reason"]
@@ -55,7 +61,8 @@ def test_gpt2_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_hf
 def test_pythia_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_hf_home, tmp_path):
     _env(monkeypatch, real_config_hf_home)
     recs = _records(pytester, PYTHIA_SPEC, tmp_path / "r.json")  # every head name fits Pythia-160m's graph
-    assert set(recs) == {"name_movers_copy", "s_inhibition_three_conditions", "copy_suppression_negative_copy"}
+    checks = {f"role_check_{r}" for r in ("name_mover", "copy_suppression", "s_inhibition", "induction")}
+    assert set(recs) == {"name_movers_copy", "s_inhibition_three_conditions", "copy_suppression_negative_copy"} | checks
     assert all(x["checkpoint"] == "step143000" and x["weights_sha256"] for x in recs.values())
     # each claim scored exactly the heads the spec names (the authors' lists), on Pythia-160m's 12 x 12 grid
     assert set(recs["name_movers_copy"]["extra"]["per_head"]) == {"a8.h2", "a8.h10"}
@@ -66,8 +73,8 @@ def test_pythia_ioi_spec_runs_on_real_shapes(pytester, monkeypatch, real_config_
 
 
 @pytest.mark.parametrize("spec, n_items, repo, fetch", [
-    (SPEC, 4, "gpt2@main", "download gpt2"),
-    (PYTHIA_SPEC, 3, "EleutherAI/pythia-160m@step143000", "download EleutherAI/pythia-160m --revision step143000"),
+    (SPEC, 4 + 6, "gpt2@main", "download gpt2"),  # the declared claims + one role check per role with a criterion
+    (PYTHIA_SPEC, 3 + 4, "EleutherAI/pythia-160m@step143000", "download EleutherAI/pythia-160m --revision step143000"),
 ])
 def test_uncached_is_not_evaluated_quickly(pytester, monkeypatch, tmp_path, spec, n_items, repo, fetch):
     _env(monkeypatch, tmp_path / "empty")

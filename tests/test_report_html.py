@@ -132,7 +132,7 @@ def test_compare_marks_flips_and_moves_in_page_table_and_markdown(tmp_path):
     t = table(new, changes)
     assert "FAIL 0.5!" in t and "pass 0.95~" in t and "unc. 0.81*+" in t
     md = markdown_summary(new, changes)
-    assert "| checkpoint | faith | other |" in md and "**FAIL 0.5!**" in md and "pass -> fail" in md
+    assert "| checkpoint | faith | other |" in md and "**FAIL 0.5!**" in md and "pass -&gt; fail" in md  # > as an entity
 
 
 SPEC = """\
@@ -145,10 +145,8 @@ task:
   seed: 0
   seq_len: 12
   prepend_bos: true
-circuit:
-  roles:
-    previous_token: [a0.h3, a0.h2]
-    induction: [a1.h0, a1.h1, a1.h2, a1.h3]
+circuit:  # nodes, not roles: roles with a criterion would add role_check items (docs/roles.md)
+  nodes: [a0.h3, a0.h2, a1.h0, a1.h1, a1.h2, a1.h3]
 claims:
   - type: faithfulness
     id: faith
@@ -255,3 +253,142 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert len(seen["imgs"]) == 1                              # alpha's plot; beta has no value to draw
     assert all(ok and w > 100 and h > 100 for ok, w, h in seen["imgs"]), seen["imgs"]
     assert seen["resources"] == 0                                  # nothing fetched: opens without a network
+
+
+# --- issue 19: every value from a results file is escaped in one place; the reports count alike ---------------
+
+PAYLOADS = ["<script>alert(1)</script>", '"><script>alert(1)</script>', "' onmouseover='alert(1)' x='",
+            "a & b </td></tr></table><script>alert(1)</script>", "$\\frac{<script>$|pipe\nnewline"]
+LITERALS = {"outcome", "measured", "expected", "verdict"}        # checked words: a file with others is rejected
+MAPS = {"ablations", "per_head", "effects", "environment"}        # their keys are names from elsewhere too
+ALLOWED_ATTRS = {"lang", "charset", "id", "href", "class", "title", "alt", "src"}
+
+
+def _hostile(obj, n, key=None):
+    """Every string in ``obj`` (values, and the keys of name→entry maps) replaced by a payload, round robin."""
+    if isinstance(obj, str):
+        n[0] += 1
+        return PAYLOADS[n[0] % len(PAYLOADS)]
+    if isinstance(obj, list):
+        return [_hostile(v, n) for v in obj]
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if k in LITERALS:
+                out[k] = v
+                continue
+            new_key = _hostile(k, n) if key in MAPS else k
+            out[new_key] = _hostile(v, n, k)
+        return out
+    return obj
+
+
+class Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[tuple[str, dict]] = []
+        self.data = ""
+
+    def handle_starttag(self, tag, attrs):
+        self.starts.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.data += data
+
+
+def _hostile_file(tmp_path: Path) -> Path:
+    from circuit_tests.results import write_json
+
+    recs = _records(tmp_path)
+    recs[0].extra.update({"per_head": {"a1.h0": {"earned": False, "why": "w"}, "a1.h1": 0.5}, "effects": {"a0.h3": 0.1},
+                          "warnings": ["dangling: m0"], "gate": "ci", "ci_method": "bca"})
+    recs[0].extra["ablations"]["mean"]["reason"] = "r"
+    for r in recs:
+        r.metric, r.normalization, r.ablation, r.weights_sha256, r.duplicate_of = "m", "n", "a", "sha", "dup"
+    p = tmp_path / "plain.json"
+    write_json(recs, p, environment={"torch": "2.x", "code_sha256": "abc", "nested": {"list": ["x"]}})
+    doc = _hostile(json.loads(p.read_text()), [0])
+    out = tmp_path / "hostile.json"
+    out.write_text(json.dumps(doc))
+    return out
+
+
+def _assert_inert(page_text: str) -> None:
+    t = Tags()
+    t.feed(page_text)
+    assert [tag for tag, _ in t.starts if tag in ("script", "iframe", "object", "embed", "svg")] == []
+    for tag, attrs in t.starts:
+        assert set(attrs) <= ALLOWED_ATTRS, (tag, attrs)           # no attribute broke out of its quotes
+    assert "<script>alert(1)</script>" in t.data                   # shown, as text
+
+
+def test_every_string_of_a_hostile_results_file_is_text_in_page_and_summary(tmp_path, capsys):
+    from circuit_tests.cli import main
+
+    bad = _hostile_file(tmp_path)
+    plots = True
+    try:
+        import matplotlib  # noqa: F401  (plots: alt text, and $...$ in names is not mathtext)
+    except ImportError:
+        plots = False
+    args = ["report", str(bad), "--html", str(tmp_path / "html"), "--markdown", str(tmp_path / "s.md")]
+    assert main(args + ([] if plots else ["--no-plots"])) == 0, capsys.readouterr().err
+    page = (tmp_path / "html" / "index.html").read_text()
+    _assert_inert(page)
+    if plots:
+        assert "<img alt=" in page                                   # alt text escaped, plot drawn
+    assert page.count("Random-circuit baselines") == 1 and "Ablation sensitivity" in page and "Provenance" in page
+    md = (tmp_path / "s.md").read_text()
+    assert "<" not in md and ">" not in md, md                     # tags and quote breaks only as entities
+    header = ""
+    for line in md.splitlines():
+        header = line if line.startswith("| checkpoint") else header
+        if line.startswith("| "):
+            assert line.count("|") == header.count("|"), line   # no | inside a cell, no newline in a row
+
+
+def test_literal_fields_set_by_hand_are_escaped_too(tmp_path):
+    """Records built in code skip the reader: the words that become class names and counts are escaped as well."""
+    recs = _records(tmp_path)
+    for r in recs:
+        r.verdict = r.measured = r.outcome = '"><script>alert(1)</script>'
+    _assert_inert(render_html(recs, environment={}, plots=False))
+
+
+def test_page_terminal_and_json_count_the_same_outcomes(tmp_path):
+    from circuit_tests.report import table
+    from circuit_tests.results import count_line, counts, write_json
+
+    recs = _records(tmp_path)
+    recs.append(_rec("alpha", 200, "faith", "pass", 0.3, spec_file=recs[0].spec_file, expected="absent",
+                     outcome="xfailed"))
+    line = count_line(recs)
+    assert line == "1 passed, 1 failed, 1 xfailed, 2 skipped, 1 reused"
+    write_json(recs, tmp_path / "r.json", environment={})
+    from_json = json.loads((tmp_path / "r.json").read_text())["counts"]
+    words = {w: int(n) for n, w in (part.split(" ") for part in line.split(", "))}
+    assert from_json == counts(recs) == {k: words.get(k, 0) for k in from_json} and words["reused"] == 1
+    page = render_html(recs, environment={}, plots=False)
+    assert f"<p>{line} (5 results)</p>" in page
+    for spec_recs in ([r for r in recs if r.spec == "alpha"], [r for r in recs if r.spec == "beta"]):
+        part = count_line(spec_recs)
+        assert f"<p>{part}</p>" in page and f"  {part}\n" in table(recs) + "\n" and part in markdown_summary(recs)
+    assert not any(f" {w}," in page or f" {w}<" in page for w in ("pass", "uncertain", "not_evaluated"))
+
+
+def _provenance_rows(html_text: str) -> list[tuple[str, str]]:
+    part = html_text[html_text.index("<h2>Provenance</h2>"):]
+    part = part[:part.index("</table>")]
+    return [(th.split("</th>")[0], th.split("<td>")[1].split("</td>")[0]) for th in part.split("<th>")[1:]]
+
+
+def test_pytest_report_and_cli_report_show_the_same_provenance(pytester):
+    from circuit_tests.cli import main
+
+    shutil.copytree(ZOO / "step3000", pytester.path / "models" / "step3000")
+    pytester.makefile(".circuit.yaml", spec=SPEC)
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "--circuit-json", "r.json", "--circuit-report", "run")
+    assert main(["report", str(pytester.path / "r.json"), "--html", str(pytester.path / "cli"), "--no-plots"]) == 0
+    run = _provenance_rows((pytester.path / "run" / "index.html").read_text())
+    cli = _provenance_rows((pytester.path / "cli" / "index.html").read_text())
+    assert run == cli and {"code_sha256", "circuit_tests", "threads", "torch"} <= {k for k, _ in run}

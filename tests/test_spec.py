@@ -59,8 +59,11 @@ def test_valid_spec_loads(tmp_path):
     ls = load_spec(write(tmp_path, VALID))
     s = ls.spec
     assert s.name == "demo" and s.model.checkpoints == [0, 2000] and s.task.params == {"size": 16, "seed": 0}
-    assert s.circuit.resolved_level == "node" and s.claim_ids() == ["faithfulness", "ratio"]
+    # the two declared claims, then a role check per role with a criterion, located at its role's line
+    assert s.circuit.resolved_level == "node" and s.claim_ids() == ["faithfulness", "ratio", "role_check_previous_token",
+                                                                    "role_check_induction"]
     assert ls.line_of("claims", 1) == 19 and ls.where("circuit", "roles", "induction", 1).endswith(":13:24")
+    assert ls.line_of("claims", 2) == 12 and ls.line_of("claims", 3) == 13
 
 
 @pytest.mark.parametrize("old,new,where,msg", [
@@ -201,7 +204,8 @@ def test_role_score_and_path_ratio_claims_are_cross_checked(tmp_path):
         "  - type: role_score\n    role: induction\n    quantifier: at_least\n    k: 2\n    min: 0.5\n"
         "  - type: path_ratio\n    senders: previous_token\n    receivers: induction\n    input: k\n    min: 0.8\n")
     s = load_spec(write(tmp_path, ok)).spec
-    assert [c.type for c in s.claims] == ["faithfulness", "faithfulness", "role_score", "path_ratio"]
+    assert [c.type for c in s.claims] == ["faithfulness", "faithfulness", "role_score", "path_ratio", "role_check",
+                                          "role_check"]
     assert s.claims[3].senders == ["previous_token"]
     for old, new, msg in [
         ("role: induction", "role: mover", "claims[2].role: role 'mover' is not in circuit.roles (roles: induction, previous_token)"),

