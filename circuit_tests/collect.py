@@ -13,7 +13,7 @@ import pytest
 
 from .claims import CLAIM_TYPES, fmt
 from .errors import CircuitTestsError, SpecError
-from .plugin import RECORD_KEY
+from .state import RECORD_KEY, RESULT_CACHE, SCOPE
 from .results import Record, pytest_outcome
 from .runner import SpecRun, circuit_for, graph_from_dir, measure_claim
 from .spec import load_spec
@@ -90,7 +90,7 @@ class ClaimItem(pytest.Item):
 
     def runtest(self) -> None:
         node = self._node
-        cache = getattr(self.config, "circuit_result_cache", None)  # --circuit-cache / --circuit-cache-dir
+        cache = self.config.stash.get(RESULT_CACHE, None)  # --circuit-cache / --circuit-cache-dir
         try:
             key, rec = cache.lookup(node.run, node.ref, self.index) if cache else (None, None)
             if rec is None:
@@ -116,7 +116,7 @@ class ClaimItem(pytest.Item):
     def setup(self) -> None:
         """Apply the evaluation settings (threads, offline hub, quiet libraries) when the first spec item runs;
         the plugin restores them at the end of the session (runtime.EvaluationScope)."""
-        scope = getattr(self.config, "circuit_scope", None)
+        scope = self.config.stash.get(SCOPE, None)
         if scope is not None:
             scope.enter()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -171,14 +172,44 @@ def _header(path: Path) -> tuple[dict[str, Any], list[int]]:
             if v is not None:
                 meta[key] = v
         types: list[int] = []
+        elements = 0
         for _ in range(n_tensors):
             string()
             (n_dims,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
             pos += 4 + 8 * n_dims
             (ttype,) = struct.unpack_from("<I", buf, pos)
             pos += 12  # type + data offset
             types.append(ttype)
+            elements += math.prod(dims)
+        meta[_ELEMENTS] = elements
     return meta, types
+
+
+_ELEMENTS = "circuit_tests.tensor_elements"  # not a GGUF key: the header walk's count of tensor elements
+MAX_PARAMS_PER_ELEMENT = 2.5  # untied output layers the file omits can double a small model; a lie is far beyond
+
+
+def _check_declared_size(p: Path, elements: int) -> None:
+    """Refuse a GGUF whose metadata describes a model much larger than its tensors before transformers builds it:
+    ``from_pretrained`` instantiates the metadata's architecture at full size first, so a header claiming a 20B model
+    over a few small tensors would take tens of GB. The count comes from the metadata's config built on the meta
+    device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # the real load reports unreadable or unsupported files with its own message
+        log.debug("size check of %s skipped: %s", p, e)
+        return
+    n = sum(t.numel() for t in model.parameters())
+    if n > MAX_PARAMS_PER_ELEMENT * elements + 1_000_000:
+        raise ModelLoadError(f"{p}: its metadata describes a model of {n:,} parameters but the file holds "
+                             f"{elements:,} tensor elements; refused before building the model (the header does "
+                             "not describe these tensors)")
 
 
 def _describe(path: Path) -> dict[str, Any]:
@@ -200,7 +231,7 @@ def _describe(path: Path) -> dict[str, Any]:
         quant = max(quantized)[1] if quantized else (max((n, t) for t, n in counts.items())[1] if counts else "none")
     arch = meta.get("general.architecture")
     return {"quantization": quant, "tensor_types": dict(sorted(counts.items())),
-            "architecture": arch if isinstance(arch, str) else None}
+            "architecture": arch if isinstance(arch, str) else None, "tensor_elements": int(meta.get(_ELEMENTS, 0))}
 
 
 def convert(path: str | Path, *, sha256: str | None = None) -> Path:
@@ -269,6 +300,7 @@ def _convert(p: Path, sha: str) -> Path:
         first = str(e).splitlines()[0] if str(e) else ""
         raise ModelLoadError(f"{p}: not a readable GGUF file ({type(e).__name__}: {first})") from e
     n_tensors = sum(info["tensor_types"].values())
+    _check_declared_size(p, info["tensor_elements"])
     with atomic_dir(converted_dir(sha)) as tmp:
         try:
             progress.step(2, steps, "reading the tokenizer")

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .state import COMPARE_RECORDS, RECORD_KEY, RESULT_CACHE, SCOPE  # session state lives in config.stash
+
 if TYPE_CHECKING:
     from .outputs import Kind
-
-RECORD_KEY = "circuit_tests_record"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -70,7 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if threads < 1:
         raise pytest.UsageError(f"--circuit-threads {threads}: expected a positive integer")
     online = True if config.getoption("circuit_online") else None
-    config.circuit_scope = EvaluationScope(threads=threads, online=online)  # type: ignore[attr-defined]
+    config.stash[SCOPE] = EvaluationScope(threads=threads, online=online)
     if online:
         set_online(True)  # hub availability is judged at collection too
     _check_output_paths(config)
@@ -91,14 +91,14 @@ def pytest_configure(config: pytest.Config) -> None:
         if store is None:
             raise pytest.UsageError("--circuit-cache needs pytest's cacheprovider (drop -p no:cacheprovider) or use "
                                     "--circuit-cache-dir DIR")
-        config.circuit_result_cache = ResultCache(store)  # type: ignore[attr-defined]
+        config.stash[RESULT_CACHE] = ResultCache(store)
     old = config.getoption("circuit_compare", None)
     if old and not hasattr(config, "workerinput"):
         from .errors import CircuitTestsError
         from .results import read_json
 
         try:
-            config.circuit_compare_records = read_json(old)  # type: ignore[attr-defined]
+            config.stash[COMPARE_RECORDS] = read_json(old)
         except CircuitTestsError as e:
             raise pytest.UsageError(f"--circuit-compare: {e}") from None
     config.pluginmanager.register(ResultCollector(config), "circuit_tests_results")
@@ -184,7 +184,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     from .user_cache import use_terminal
 
     use_terminal(None)
-    scope = getattr(config, "circuit_scope", None)
+    scope = config.stash.get(SCOPE, None)
     if scope is not None:
         scope.restore()
         if scope.online:
@@ -253,7 +253,7 @@ class ResultCollector:
 
             for line in summary(self.changes) or ["no claim flipped or moved since the compared run"]:
                 terminalreporter.write_line(f"changed: {line}")
-        cache = getattr(self.config, "circuit_result_cache", None)
+        cache = self.config.stash.get(RESULT_CACHE, None)
         if cache is not None:
             from .cache import reused
 
@@ -313,7 +313,7 @@ class ResultCollector:
             from .cache import run_environment
 
             env = run_environment()  # with the code hash: merge refuses mixed code versions
-            scope = getattr(self.config, "circuit_scope", None)
+            scope = self.config.stash.get(SCOPE, None)
             if scope is not None:  # the threads the specs were evaluated with (also on the xdist controller)
                 env["threads"] = scope.threads
             write_json(self.records(), target, complete=reason is None, incomplete_reason=reason, environment=env)
@@ -333,7 +333,7 @@ class ResultCollector:
 
         if not self.raw:
             return
-        old = getattr(self.config, "circuit_compare_records", None)
+        old = self.config.stash.get(COMPARE_RECORDS, None)
         if old is not None:
             from .compare import DEFAULT_TOLERANCE, compare
 
@@ -345,7 +345,7 @@ class ResultCollector:
 
             try:
                 self.html = write_report(self.records(), report_dir, self.changes,  # the JSON file's provenance rows
-                                         threads=getattr(getattr(self.config, "circuit_scope", None), "threads", None))
+                                         threads=getattr(self.config.stash.get(SCOPE, None), "threads", None))
             except (CircuitTestsError, OSError) as e:
                 self._error(session, f"--circuit-report {report_dir}: {_write_failure(e)}")
         step_summary = os.environ.get("GITHUB_STEP_SUMMARY")

@@ -740,3 +740,48 @@ def test_real_smollm2_loads_as_a_30_layer_bridge_that_does_ioi(smollm2_ref):
             logits = bridge(tok(text, return_tensors="pt").input_ids)[0, -1]
             (i,), (j,) = tok.encode(io, add_special_tokens=False), tok.encode(s, add_special_tokens=False)
             assert logits[i] - logits[j] > 1.0, text
+
+
+def test_a_header_describing_a_much_larger_model_is_refused_before_it_is_built(tmp_path):
+    """A GGUF whose metadata claims a model far larger than its tensors (here: 8192-wide, 48 blocks over the tiny
+    model's tensors) is refused from the header before transformers instantiates the metadata's architecture at full
+    size (billions of parameters; tens of GB)."""
+    import resource
+    import subprocess
+    import sys
+
+    model = tiny_llama()
+    path = write_gguf(tmp_path / "liar.gguf", model)
+    import gguf as g
+
+    reader = g.GGUFReader(str(path))
+    # rewrite the two size keys in place (same byte widths: uint32)
+    data = bytearray(path.read_bytes())
+    for key, value in (("llama.embedding_length", 8192), ("llama.block_count", 48),
+                       ("llama.feed_forward_length", 28672)):
+        field = reader.fields[key]
+        off = int(field.parts[field.data[0]].__array_interface__["data"][0]) - int(reader.data.__array_interface__["data"][0])
+        data[off:off + 4] = int(value).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    script = (
+        "import sys\nfrom circuit_tests.errors import ModelLoadError\nfrom circuit_tests.gguf_convert import convert\n"
+        "try:\n    convert(sys.argv[1])\n    print('CONVERTED')\nexcept ModelLoadError as e:\n    print('REFUSED', e)\n"
+        "print('PEAK_KB', next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n")
+
+    def capped() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 10**9, 4 * 10**9))
+
+    env = {**__import__("os").environ, "CIRCUIT_TESTS_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300,
+                         preexec_fn=capped, env=env)
+    assert "REFUSED" in out.stdout and "CONVERTED" not in out.stdout, (out.stdout, out.stderr[-2000:])
+    assert "its metadata describes a model of" in out.stdout and "refused before building the model" in out.stdout
+    assert int(out.stdout.split("PEAK_KB")[1].split()[0]) < 1.5 * 2**20
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _progress_to_stderr(monkeypatch):
+    """The pytest session running this suite hands its terminal to user_cache.use_terminal (the plugin does, so a
+    first-use fetch shows progress through output capture); these tests check the plain stderr route."""
+    monkeypatch.setattr(user_cache, "_terminal", None)
