@@ -88,6 +88,18 @@ def _faithfulness_details(r: Record, bounds: str) -> list[str]:
 # role_score: the heads of a role still do what the role says (component-function scores, cached per checkpoint)
 # ---------------------------------------------------------------------------------------------------------------
 
+def score_tables(res: Any, n_seq: int, seq_len: int, seed: int) -> Any:
+    """The checkpoint's shared role-score tables for these repeated-sequence settings (roles.ScoreTables): role checks
+    and role-score claims read the same forward on repeated sequences and the same copy scores."""
+    from .roles import ScoreTables
+
+    key = ("score_tables", n_seq, seq_len, seed)
+    if key not in res.cache:
+        res.cache[key] = ScoreTables(res.bridge, res.task, bos=res.prepend_bos, n_seq=n_seq, seq_len=seq_len,
+                                     seed=seed)
+    return res.cache[key]
+
+
 def _role_score(run: Any, res: Any, claim: Any, rec: Record) -> Any:
     from . import measures
 
@@ -95,7 +107,8 @@ def _role_score(run: Any, res: Any, claim: Any, rec: Record) -> Any:
     rec.threshold_min = claim.min
     key = measures.role_scores_key(claim, roles)
     if key not in res.cache:
-        res.cache[key] = measures.compute_role_scores(res.bridge, res.task, claim, roles, res.prepend_bos)
+        res.cache[key] = measures.compute_role_scores(res.bridge, res.task, claim, roles, res.prepend_bos,
+                                                      score_tables(res, claim.n_seq, claim.seq_len, claim.seed))
     return measures.role_score(res.cache[key], claim, roles)
 
 
@@ -155,13 +168,8 @@ def _role_check(run: Any, res: Any, claim: Any, rec: Record) -> Any:
     roles = run.loaded.spec.circuit.roles
     members = roles[claim.role]
     rec.threshold_min = 1.0
-    key = ("role_check", claim.role, tuple(members), claim.n_seq, claim.seq_len, claim.seed,
-           tuple(roles.get("name_mover", ())) if claim.role == "s_inhibition" else ())
-    if key not in res.cache:
-        res.cache[key] = check_roles(res.bridge, res.task, {claim.role: members}, bos=res.prepend_bos,
-                                     n_seq=claim.n_seq, seq_len=claim.seq_len, seed=claim.seed,
-                                     name_movers=roles.get("name_mover", []))
-    ev = res.cache[key]
+    ev = check_roles(res.bridge, res.task, {claim.role: members}, name_movers=roles.get("name_mover", []),
+                     tables=score_tables(res, claim.n_seq, claim.seq_len, claim.seed))
     verdicts = ev.of_role(claim.role, members)
     crit = ROLE_CRITERIA[claim.role]
     numbers: dict[str, Any] = {"role": claim.role, "criterion": crit.rule, "criterion_source": crit.source,

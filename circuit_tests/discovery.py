@@ -664,23 +664,13 @@ def _check_output(path: Path, flag: str, inputs: Sequence[tuple[str, Path]], for
     for what, other in others:
         if _same_file(path, other):
             raise SpecError(f"{flag} {path} is also the {what} ({other}); each output needs its own file")
-    if path.is_dir():
-        raise SpecError(f"{flag} {path} is a directory; give a file name")
-    if (path.exists() or path.is_symlink()) and not force:
+    if (path.exists() or path.is_symlink()) and not path.is_dir() and not force:
         raise SpecError(f"{flag} {path} already exists; pass --force to replace it")
-    d = path.parent.resolve()
-    while not d.exists() and d != d.parent:
-        d = d.parent
-    if not d.is_dir():
-        raise SpecError(f"{flag} {path}: {d} is not a directory")
-    try:  # a real probe: permission bits say nothing as root or on a read-only mount
-        import tempfile
+    from .outputs import output_path_problem  # the plugin's check: a real probe, not permission bits
 
-        fd, probe = tempfile.mkstemp(dir=d, prefix=".discover-probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SpecError(f"{flag} {path}: cannot create files in {d} ({e.strerror or e})") from None
+    problem = output_path_problem(path, "file")
+    if problem is not None:
+        raise SpecError(f"{flag} {path}: {problem}")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -99,25 +99,24 @@ def role_scores_key(claim: Any, roles: dict[str, list[str]]) -> tuple:
     return ("role", claim.score_name, claim.n_seq, claim.seq_len, claim.seed, heads)
 
 
-def compute_role_scores(bridge: Any, task: Any, claim: Any, roles: dict[str, list[str]], bos: bool) -> Any:
-    """The per-head ``HeadScores`` a role-score claim needs (scores.py holds the definitions)."""
-    from . import scores
+def compute_role_scores(bridge: Any, task: Any, claim: Any, roles: dict[str, list[str]], bos: bool,
+                        tables: Any = None) -> Any:
+    """The per-head ``HeadScores`` a role-score claim needs (scores.py holds the definitions). ``tables``
+    (roles.ScoreTables for the claim's repeated-sequence settings) shares the computation with the role checks."""
+    from .roles import ScoreTables
 
     name = claim.score_name
+    if tables is None:
+        tables = ScoreTables(bridge, task, bos=bos, n_seq=claim.n_seq, seq_len=claim.seq_len, seed=claim.seed)
     if name in ("previous_token", "induction", "duplicate_token"):
-        bos_id = getattr(getattr(bridge, "tokenizer", None), "bos_token_id", None)
-        rep = scores.repeated_sequence_scores(bridge, n_seq=claim.n_seq, seq_len=claim.seq_len, seed=claim.seed,
-                                              bos=bos and bos_id is not None, bos_id=bos_id)
-        return rep[name]
-    if name == "name_mover":
-        return scores.name_mover(bridge, task, heads=claimed_heads(claim, roles))
-    if name == "copy_suppression":
-        return scores.copy_suppression(bridge, task, heads=claimed_heads(claim, roles))
+        return tables.repeated()[name]
+    if name in ("name_mover", "copy_suppression"):
+        return tables.copy(name, claimed_heads(claim, roles))
     if name == "successor":
-        return scores.successor(bridge)
+        return tables.successor()
     if name == "s_inhibition":
         # only the claimed heads are candidates: each candidate costs one path-patching sender
-        return scores.s_inhibition(bridge, task, roles["name_mover"], candidates=claimed_heads(claim, roles))
+        return tables.s_inhibition(roles["name_mover"], claimed_heads(claim, roles))
     raise ValueError(f"unknown role score {name!r}")  # the spec schema admits only known scores
 
 

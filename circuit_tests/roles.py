@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 __all__ = ["Criterion", "ROLE_CRITERIA", "HeadVerdict", "RoleEvidence", "check_roles", "assign_roles",
-           "ATTENTION_FLOOR", "COPY_THRESHOLD", "SUCCESSOR_FLOOR", "EFFECT_THRESHOLD"]
+           "ScoreTables", "ATTENTION_FLOOR", "COPY_THRESHOLD", "SUCCESSOR_FLOOR", "EFFECT_THRESHOLD"]
 
 ATTENTION_FLOOR = 0.3     # previous/duplicate/induction: absolute floor on the attention fraction (ours)
 COPY_THRESHOLD = 10.0     # % top-5: Tigges' name-mover / negative-name-mover copy-score threshold
@@ -110,14 +110,15 @@ def _is_head(n: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------ measurement
 
-class _Scores:
-    """Lazily computed score tables for one model + task, shared by every role asked about."""
+class ScoreTables:
+    """Lazily computed score tables for one model + task, shared by every role check and role-score claim of a
+    checkpoint (one forward on repeated sequences for all three attention scores, copy scores per head set)."""
 
     def __init__(self, bridge: Any, task: Any, *, bos: bool, n_seq: int, seq_len: int, seed: int) -> None:
         self.bridge, self.task, self.bos = bridge, task, bos
         self.n_seq, self.seq_len, self.seed = n_seq, seq_len, seed
         self._rep: dict[str, Any] | None = None
-        self._copy: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._copy: dict[tuple[Any, ...], Any] = {}  # copy scores and S-inhibition tests, by their inputs
         self._succ: Any = None
 
     def repeated(self) -> dict[str, Any]:
@@ -137,6 +138,15 @@ class _Scores:
         if key not in self._copy:
             fn = scores.name_mover if kind == "name_mover" else scores.copy_suppression
             self._copy[key] = fn(self.bridge, self.task, heads=list(key[1]))
+        return self._copy[key]
+
+    def s_inhibition(self, name_movers: Sequence[str], candidates: Sequence[str]) -> Any:
+        """Tigges' three-condition test of ``candidates`` against ``name_movers`` (one hooked pass per candidate)."""
+        from . import scores
+
+        key = ("s_inhibition", tuple(name_movers), tuple(sorted(set(candidates))))
+        if key not in self._copy:
+            self._copy[key] = scores.s_inhibition(self.bridge, self.task, list(name_movers), candidates=list(key[2]))
         return self._copy[key]
 
     def successor(self) -> Any:
@@ -185,11 +195,10 @@ def _copy_verdicts(role: str, table: Any, heads: Sequence[str], need_attention: 
     return out
 
 
-def _s_inhibition_verdicts(sc: _Scores, heads: Sequence[str], name_movers: Sequence[str]) -> list[HeadVerdict]:
-    from . import scores
+def _s_inhibition_verdicts(sc: ScoreTables, heads: Sequence[str], name_movers: Sequence[str]) -> list[HeadVerdict]:
     from .names import parse_head
 
-    table = scores.s_inhibition(sc.bridge, sc.task, list(name_movers), candidates=list(heads))
+    table = sc.s_inhibition(name_movers, heads)
     d = table.details
     top = max(parse_head(n)[0] for n in name_movers)
     out = []
@@ -211,13 +220,14 @@ def _s_inhibition_verdicts(sc: _Scores, heads: Sequence[str], name_movers: Seque
 
 def check_roles(bridge: Any, task: Any, roles: dict[str, list[str]], *, bos: bool = False, n_seq: int = 16,
                 seq_len: int = 30, seed: int = 0, only: Sequence[str] | None = None,
-                name_movers: Sequence[str] | None = None) -> RoleEvidence:
+                name_movers: Sequence[str] | None = None, tables: ScoreTables | None = None) -> RoleEvidence:
     """Judge every head of every role (or of the roles in ``only``) against its role's criterion.
 
     Roles without a criterion are skipped; MLPs listed under a role with a criterion fail it (a role criterion
     scores attention heads). ``name_movers``: the heads the S-inhibition test patches into (default: the role
-    ``name_mover``). The repeated-sequence defaults are the role-score claims' (16 x 2 x 30 tokens, seed 0)."""
-    sc = _Scores(bridge, task, bos=bos, n_seq=n_seq, seq_len=seq_len, seed=seed)
+    ``name_mover``). The repeated-sequence defaults are the role-score claims' (16 x 2 x 30 tokens, seed 0).
+    ``tables``: score tables to share with other checks of the same model, task and settings."""
+    sc = tables or ScoreTables(bridge, task, bos=bos, n_seq=n_seq, seq_len=seq_len, seed=seed)
     ev = RoleEvidence()
     ioi_missing = [p for p in ("IO", "S1", "S2") if p not in getattr(task, "positions", {})]
     for role, members in roles.items():

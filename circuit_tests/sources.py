@@ -44,6 +44,7 @@ from typing import Any, Literal
 from . import gguf_convert
 from .errors import ModelLoadError
 from .runtime import is_offline
+from .user_cache import file_identity  # what an in-place rewrite cannot keep: the sha256 memo key
 from .zoo import wheels
 
 __all__ = [
@@ -509,7 +510,7 @@ class CheckpointRef:
             raise ModelLoadError(self.unavailable_reason()
                                  or f"{self.display}: no local copy to hash (looked in {_hub_repo_dir(self.location)})")
         files = _weight_files(d)
-        key = (str(d.resolve()),) + tuple((str(f.resolve()), *_file_identity(f)) for f in files)
+        key = (str(d.resolve()),) + tuple((str(f.resolve()), *file_identity(f)) for f in files)
         if key not in _HASHES:
             import hashlib
 
@@ -535,13 +536,6 @@ class CheckpointRef:
                                  f"{gguf_convert.META_FILE} records {str(recorded)[:16]}… (the cached conversion was "
                                  f"modified); delete {d} and it is converted again from {self.location}")
         return sha
-
-
-def _file_identity(f: Path) -> tuple[int, ...]:
-    """What an in-place rewrite cannot keep: device, inode, ctime_ns (set by every write, not settable by
-    ``utime``), size and mtime_ns. The weights sha256 is memoised under it (``CheckpointRef.weights_sha256``)."""
-    st = f.stat()
-    return (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
 
 
 _GC_BYTES = 256 * 2**20  # model memory released between two full garbage collections, at most

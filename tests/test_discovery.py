@@ -622,7 +622,7 @@ def test_discover_task_param_and_other_input_errors_come_before_the_model(tmp_pa
     assert rc == 2 and "no such spec file" in err
     (tmp_path / "file").write_text("")
     rc, _, err = _discover(capsys, str(spec), "-o", str(tmp_path / "file" / "x.circuit.yaml"))
-    assert rc == 2 and "is not a directory" in err
+    assert rc == 2 and f"{tmp_path / 'file'} is a file, not a directory" in err
     assert not (tmp_path / "x.circuit.yaml").exists()
 
 
